@@ -1,0 +1,12 @@
+"""The MJX Safety-Gym task suite (installed as cvpo_jax.envs).
+
+    from cvpo_jax import envs
+    env = envs.make("point_goal")          # a brax.envs.base.Env stepping mujoco.mjx
+    envs.names()                            # every registered task
+See envs/README.md for the tasks, what differs from Safety-Gymnasium, and measured speeds.
+"""
+
+from .base import Config, SafetyEnv
+from .registry import default_config, make, names
+
+__all__ = ["Config", "SafetyEnv", "default_config", "make", "names"]

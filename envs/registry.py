@@ -1,0 +1,46 @@
+"""Task names -> (env class, preset). `make(name, **overrides)` builds one; `names()` lists them."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from . import button, circle, goal
+from .base import Config, SafetyEnv, check_overrides
+
+_Entry = tuple[type[SafetyEnv], Callable[[], Config]]
+
+_REGISTRY: dict[str, _Entry] = {}
+for _robot in ("point", "car"):
+  _REGISTRY.update({
+      # The CVPO paper's fixed-layout variants.
+      f"{_robot}_goal": (button.ButtonEnv, lambda r=_robot: button.cvpo_goal_config(r)),
+      f"{_robot}_button": (button.ButtonEnv, lambda r=_robot: button.cvpo_button_config(r)),
+      f"{_robot}_circle": (circle.CircleEnv, lambda r=_robot: circle.cvpo_circle_config(r)),
+      # Safety-Gymnasium levels (layouts redrawn every reset).
+      f"{_robot}_goal1": (goal.GoalEnv, lambda r=_robot: goal.default_config(r, 1)),
+      f"{_robot}_button1": (button.ButtonEnv, lambda r=_robot: button.default_config(r, 1)),
+      f"{_robot}_button2": (button.ButtonEnv, lambda r=_robot: button.default_config(r, 2)),
+      f"{_robot}_circle1": (circle.CircleEnv, lambda r=_robot: circle.default_config(r, 1)),
+      f"{_robot}_circle2": (circle.CircleEnv, lambda r=_robot: circle.default_config(r, 2)),
+  })
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def default_config(name: str) -> Config:
+  _check_name(name)
+  return _REGISTRY[name][1]()
+
+
+def make(name: str, **overrides) -> SafetyEnv:
+  """Build the env `name`; keyword overrides replace fields of its Config (envs/base.py)."""
+  _check_name(name)
+  env_cls, preset = _REGISTRY[name]
+  return env_cls(check_overrides(preset(), overrides), name=name)
+
+
+def _check_name(name: str) -> None:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown env {name!r}; valid names: {', '.join(names())}")

@@ -1,0 +1,153 @@
+"""`python -m cvpo_jax.bench train`: the CVPO update and the whole training loop, timed.
+
+At the paper's configuration (B 300, K 32, M 6, 256×256) on `point_goal` it prints the time of one update
+split into critic step, E-step and M-step, updates/s, the env-steps/s of the whole jitted loop (acting +
+replay + updates at the configured ratio), and the same for several `num_seeds` (time per seed-update).
+The phase timings run on replay batches of Gaussian noise (their cost does not depend on the data, except
+the E-step's iteration count, which is reported); the loop timing runs the real task.
+
+Options (key=value): seeds=1,4,16  repeats=5  chunk_env_steps=400  json=PATH, and any run option
+(e.g. env=point_goal cvpo.num_particles=64).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvpo_jax.config import ConfigError, load_config
+
+BENCH_KEYS = {"seeds", "repeats", "json"}
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _timed_compile(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def bench_seeds(run_args: list[str], num_seeds: int, repeats: int) -> dict:
+    from cvpo_jax import envs
+    from cvpo_jax.replay import Transition
+    from cvpo_jax.trainer import make_trainer, member_keys, member_settings
+
+    cfg = load_config(run_args + [f"num_seeds={num_seeds}", "progress=false"], envs.names())
+    env = envs.make(cfg.env)
+    episode_length = cfg.episode_length or env.episode_length
+    cfg.cost_limit = cfg.cost_limit if cfg.cost_limit is not None else env.cost_limit
+    trainer = make_trainer(cfg, env, episode_length)
+    learner = trainer.learner
+    settings = member_settings(cfg, episode_length)
+    n, b = num_seeds, cfg.cvpo.batch_size
+    keys = member_keys(cfg)
+
+    init_learner = jax.jit(jax.vmap(learner.init))
+    learner_state = init_learner(keys)
+    rng = np.random.default_rng(0)
+    batch = Transition(
+        obs=jnp.asarray(rng.normal(size=(n, b, env.observation_size)), jnp.float32),
+        action=jnp.asarray(rng.uniform(-1, 1, size=(n, b, env.action_size)), jnp.float32),
+        reward=jnp.asarray(rng.normal(size=(n, b)), jnp.float32),
+        cost=jnp.asarray(rng.uniform(size=(n, b)) < 0.1, jnp.float32),
+        next_obs=jnp.asarray(rng.normal(size=(n, b, env.observation_size)), jnp.float32),
+        terminal=jnp.zeros((n, b)), truncated=jnp.zeros((n, b)))
+    update_keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(n))
+
+    critic = jax.jit(jax.vmap(learner.critic_step))
+    estep = jax.jit(jax.vmap(learner.estep_step))
+    full = jax.jit(jax.vmap(learner.update))
+    old_dist, particles, _, _, solution = estep(learner_state, batch, settings, update_keys)
+    mstep = jax.jit(jax.vmap(learner.mstep_step))
+
+    phases = {
+        "critic": lambda: critic(learner_state, batch, update_keys),
+        "estep": lambda: estep(learner_state, batch, settings, update_keys),
+        "mstep": lambda: mstep(learner_state, batch.obs, particles, solution.weights, old_dist),
+        "update": lambda: full(learner_state, batch, settings, update_keys),
+    }
+    result: dict = {"num_seeds": n, "estep_iterations": float(np.mean(solution.iterations))}
+    for name, fn in phases.items():
+        result[f"{name}_compile_s"] = _timed_compile(fn)
+        result[f"{name}_ms"] = 1e3 * _median_time(fn, repeats)
+    result["updates_per_s"] = n / (result["update_ms"] / 1e3)
+    result["ms_per_seed_update"] = result["update_ms"] / n
+
+    # The whole loop: one chunk of acting + replay + updates after the warm-up, on the real task.
+    state = trainer.init(keys)
+    first = np.int32(trainer.schedule.warmup_iterations)
+    start = time.perf_counter()
+    state, _ = trainer.run_chunk(state, settings, first)
+    jax.block_until_ready(state)
+    result["loop_compile_s"] = time.perf_counter() - start
+    chunk_steps = trainer.schedule.iterations_per_chunk * cfg.num_envs
+    times = []
+    for _ in range(max(1, repeats // 2)):
+        start = time.perf_counter()
+        state, _ = trainer.run_chunk(state, settings, first)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - start)
+    loop_s = float(np.median(times))
+    result["loop_env_steps_per_s"] = n * chunk_steps / loop_s
+    result["loop_updates_per_s"] = n * trainer.schedule.iterations_per_chunk * cfg.updates_per_iteration / loop_s
+    result["loop_config"] = {"num_envs": cfg.num_envs, "updates_per_iteration": cfg.updates_per_iteration,
+                             "chunk_env_steps": chunk_steps}
+    return result
+
+
+def main(argv: list[str]) -> int:
+    options = dict(a.split("=", 1) for a in argv if "=" in a and a.split("=", 1)[0] in BENCH_KEYS)
+    run_args = [a for a in argv if not ("=" in a and a.split("=", 1)[0] in BENCH_KEYS)]
+    try:
+        seeds = [int(s) for s in options.get("seeds", "1,4,16").split(",")]
+        repeats = int(options.get("repeats", "5"))
+        if not run_args or not any(a.startswith("env=") for a in run_args):
+            run_args = ["env=point_goal"] + run_args
+        if not any(a.startswith("chunk_env_steps=") for a in run_args):
+            run_args.append("chunk_env_steps=400")
+        from cvpo_jax import envs
+
+        load_config(run_args, envs.names())  # validate before compiling anything
+        if any(s < 1 for s in seeds) or repeats < 1:
+            raise ConfigError("seeds and repeats must be positive integers, e.g. seeds=1,4,16 repeats=5")
+    except (ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    print(f"CVPO update and loop on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
+          f"options: {' '.join(run_args)}")
+    header = (f"{'seeds':>5} {'critic ms':>10} {'E-step ms':>10} {'M-step ms':>10} {'update ms':>10} "
+              f"{'ms/seed-upd':>11} {'updates/s':>10} {'E-it':>5} {'loop env-st/s':>13} {'loop upd/s':>10} "
+              f"{'compile s':>9}")
+    print(header)
+    results = []
+    for n in seeds:
+        r = bench_seeds(run_args, n, repeats)
+        results.append(r)
+        compile_s = r["update_compile_s"] + r["loop_compile_s"]
+        print(f"{n:>5} {r['critic_ms']:>10.2f} {r['estep_ms']:>10.2f} {r['mstep_ms']:>10.2f} {r['update_ms']:>10.2f} "
+              f"{r['ms_per_seed_update']:>11.2f} {r['updates_per_s']:>10.1f} {r['estep_iterations']:>5.1f} "
+              f"{r['loop_env_steps_per_s']:>13.0f} {r['loop_updates_per_s']:>10.1f} {compile_s:>9.1f}", flush=True)
+    print("Phases are timed alone (each its own jitted call); 'update' is the fused step, so it is not their sum.")
+    if "json" in options:
+        with open(options["json"], "w") as f:
+            json.dump({"device": str(jax.devices()[0]), "options": run_args, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,47 @@
+"""Checkpoints of the whole training state (learner, replay, environments, keys) with orbax.
+
+Saves are synchronous and orbax commits each one atomically (written aside, then renamed), so a run killed
+at any moment, SIGKILL included, keeps its last complete checkpoint. Two are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _manager(run_dir: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(run_dir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+    )
+
+
+def save(run_dir: str, iteration: int, state: Any) -> None:
+    """Save `state` as the checkpoint of `iteration` (iterations done per member)."""
+    manager = _manager(run_dir)
+    manager.save(iteration, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    manager.close()
+
+
+def latest_iteration(run_dir: str) -> Optional[int]:
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        return None
+    manager = _manager(run_dir)
+    step = manager.latest_step()
+    manager.close()
+    return step
+
+
+def restore(run_dir: str, iteration: int, like: Any) -> Any:
+    """Restore the checkpoint of `iteration` into the structure, shapes and shardings of `like`."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
+    manager = _manager(run_dir)
+    state = manager.restore(iteration, args=ocp.args.StandardRestore(abstract))
+    manager.close()
+    return state

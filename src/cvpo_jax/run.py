@@ -1,0 +1,220 @@
+"""`python -m cvpo_jax.run env=point_goal [key=value ...]`: train and write a run directory.
+
+The run directory holds config.yaml (the resolved configuration), metrics.csv (one row per evaluation and
+member), TensorBoard events (tb/), orbax checkpoints (checkpoints/) and, at the end, curves.png.
+`resume=<run dir>` continues from the last checkpoint; `print_config=true` prints the resolved
+configuration and exits. Bad options exit with code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from cvpo_jax.config import ConfigError, RunConfig, from_yaml_file, load_config, to_yaml
+
+USAGE = """usage: python -m cvpo_jax.run [key=value ...]
+  env=point_goal            task (python -c 'import cvpo_jax.envs as e; print(e.names())')
+  num_seeds=4               seeds trained side by side in one program
+  cvpo.kl_bound=0.05        nested keys reach the algorithm settings
+  sweep.cost_limits=[5,10]  cost limits trained side by side (crossed with the seeds)
+  resume=runs/<dir>         continue a run from its last checkpoint
+  print_config=true         print the resolved configuration and exit
+All keys and their defaults: python -m cvpo_jax.run print_config=true"""
+
+
+class RunError(RuntimeError):
+    """A run cannot go on; the message is one line for the user (exit code 1)."""
+
+
+def _env_names() -> list[str]:
+    from cvpo_jax import envs
+
+    return list(envs.names())
+
+
+def resolve(argv: Sequence[str]) -> RunConfig:
+    """Parse, resume-merge, fill the task presets (episode length, cost limit) and validate."""
+    names = _env_names()
+    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    base = None
+    if resume:
+        saved = os.path.join(resume, "config.yaml")
+        if not os.path.isfile(saved):
+            raise ConfigError(f"resume={resume}: no config.yaml there; give a run directory made by cvpo_jax.run")
+        base = from_yaml_file(saved)
+    cfg = load_config(argv, names, base=base)
+    if cfg.episode_length is None or cfg.cost_limit is None:
+        from cvpo_jax import envs
+
+        env = envs.make(cfg.env)
+        if cfg.episode_length is None:
+            cfg.episode_length = int(env.episode_length)
+        if cfg.cost_limit is None:
+            cfg.cost_limit = float(env.cost_limit)
+    return cfg
+
+
+def _run_dir(cfg: RunConfig) -> str:
+    if cfg.resume:
+        return cfg.resume
+    name = cfg.run_name or f"{cfg.env}-{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = os.path.join(cfg.out_dir, name)
+    if os.path.exists(os.path.join(path, "config.yaml")):
+        raise ConfigError(f"run_name={name}: {path} already holds a run; resume=<dir> continues it")
+    return path
+
+
+def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
+    """Train as configured and return the run directory. Raises RunError on a non-finite update."""
+    import jax
+
+    from cvpo_jax import checkpoint, envs, plots
+    from cvpo_jax.metrics_log import MetricsLog
+    from cvpo_jax.trainer import eval_keys, make_trainer, member_keys, member_settings, to_host
+
+    run_dir = run_dir or _run_dir(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+
+    env = envs.make(cfg.env)
+    trainer = make_trainer(cfg, env, cfg.episode_length)
+    schedule = trainer.schedule
+    settings = member_settings(cfg, cfg.episode_length)
+    num_members = int(settings.cost_threshold.shape[0])
+    limits = [float(x) for x in (cfg.sweep.cost_limits or [cfg.cost_limit]) for _ in range(cfg.num_seeds)]
+
+    state = trainer.init(member_keys(cfg))
+    state, settings = _shard(cfg, state, settings, num_members)
+
+    iteration = 0
+    latest = checkpoint.latest_iteration(run_dir)
+    if latest is not None:
+        state = checkpoint.restore(run_dir, latest, state)
+        iteration = latest
+    log = MetricsLog(run_dir, num_members, resume_from_env_steps=iteration * cfg.num_envs)
+
+    steps_per_iteration = cfg.num_envs
+    eval_every = max(1, cfg.eval_every_env_steps // steps_per_iteration)
+    ckpt_every = max(1, cfg.checkpoint_every_env_steps // steps_per_iteration)
+    next_eval = (iteration // eval_every + 1) * eval_every if iteration else 0
+    next_ckpt = (iteration // ckpt_every + 1) * ckpt_every
+
+    progress = _progress_bar(cfg, schedule.total_iterations * steps_per_iteration, iteration * steps_per_iteration)
+    last_summary: dict[str, float] = {}
+    period: dict[str, list] = {}
+    start_time, start_iteration = time.time(), iteration
+    try:
+        while iteration < schedule.total_iterations:
+            if iteration >= next_eval:
+                evaluation = to_host(trainer.evaluate(state.learner.params, eval_keys(cfg, iteration)))
+                log.write(iteration * steps_per_iteration, evaluation, _mean_period(period), limits)
+                last_summary = {"reward": float(np.mean(evaluation["eval/episode_reward"])),
+                                "cost": float(np.mean(evaluation["eval/episode_cost"]))}
+                period = {}
+                next_eval += eval_every
+            state, metrics = trainer.run_chunk(state, settings, np.int32(iteration))
+            metrics = to_host(metrics)
+            if bool(np.any(metrics.pop("nonfinite"))):
+                bad = [i for i, flag in enumerate(np.ravel(metrics.get("nonfinite_members", []))) if flag]
+                raise RunError(
+                    f"non-finite loss or parameter in the chunk ending at env step "
+                    f"{(iteration + schedule.iterations_per_chunk) * steps_per_iteration}{bad or ''}; "
+                    f"stopped without saving it; the last good checkpoint in {run_dir}/checkpoints stays")
+            iteration += schedule.iterations_per_chunk
+            for k, v in metrics.items():
+                period.setdefault(k, []).append(v)
+            log.tensorboard(iteration * steps_per_iteration, metrics)
+            if iteration >= next_ckpt or iteration >= schedule.total_iterations:
+                checkpoint.save(run_dir, iteration, state)
+                next_ckpt += ckpt_every
+            elapsed = time.time() - start_time
+            rate = (iteration - start_iteration) * steps_per_iteration * num_members / max(elapsed, 1e-9)
+            progress.update(schedule.iterations_per_chunk * steps_per_iteration)
+            progress.set_postfix(env_steps_per_s=f"{rate:.0f}", **{k: f"{v:.2f}" for k, v in last_summary.items()})
+        evaluation = to_host(trainer.evaluate(state.learner.params, eval_keys(cfg, iteration)))
+        log.write(iteration * steps_per_iteration, evaluation, _mean_period(period), limits)
+    finally:
+        progress.close()
+        log.close()
+    plots.plot_curves(os.path.join(run_dir, "metrics.csv"), os.path.join(run_dir, "curves.png"),
+                      title=f"{cfg.algo} on {cfg.env}")
+    jax.block_until_ready(state)
+    return run_dir
+
+
+def _mean_period(period: dict[str, list]) -> dict[str, np.ndarray]:
+    """Training metrics since the last evaluation, per member: episode sums over counts, updates averaged."""
+    if not period:
+        return {}
+    summed = {k: np.sum(np.stack(v), axis=0) for k, v in period.items() if k.startswith("train/")}
+    out = {k: np.mean(np.stack(v), axis=0) for k, v in period.items() if not k.startswith("train/")}
+    episodes = np.maximum(summed.get("train/episodes", 0), 1)
+    out["train/episode_reward"] = summed["train/episode_reward"] / episodes
+    out["train/episode_cost"] = summed["train/episode_cost"] / episodes
+    out["train/episodes"] = summed["train/episodes"]
+    out["train/updates"] = summed["train/updates"]
+    return out
+
+
+def _shard(cfg: RunConfig, state, settings, num_members: int):
+    """Place the member axis across `devices` accelerators; XLA partitions the vmapped chunk to match."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if cfg.devices == 1:
+        return state, settings
+    available = jax.devices()
+    if cfg.devices > len(available):
+        raise ConfigError(f"devices={cfg.devices}: only {len(available)} device(s) visible to JAX")
+    if num_members % cfg.devices:
+        raise ConfigError(f"devices={cfg.devices}: the {num_members} sweep members must divide evenly")
+    mesh = Mesh(np.array(available[: cfg.devices]), ("members",))
+    sharding = NamedSharding(mesh, PartitionSpec("members"))
+    return jax.device_put(state, sharding), jax.device_put(settings, sharding)
+
+
+def _progress_bar(cfg: RunConfig, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", disable=not cfg.progress, dynamic_ncols=True,
+                desc=f"{cfg.env} x{cfg.num_seeds * max(1, len(cfg.sweep.cost_limits))}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        cfg = resolve(argv)
+        if cfg.print_config:
+            print(to_yaml(dataclasses.replace(cfg, print_config=False)), end="")
+            return 0
+        run_dir = _run_dir(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg, run_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; resume with: python -m cvpo_jax.run resume={run_dir}", file=sys.stderr)
+        return 130
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

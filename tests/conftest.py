@@ -1,0 +1,13 @@
+"""Test-wide settings: a persistent XLA compilation cache outside the repo, so repeated runs reuse compiles."""
+
+import os
+
+import jax
+
+_CACHE_DIR = os.environ.get(
+    "CVPO_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cvpo_jax", "xla")
+)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+# Cache every compile, including the small ones the tests are full of.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,67 @@
+"""Configuration: overrides, presets and one-line errors (no JAX compiles here)."""
+
+import pytest
+
+from cvpo_jax.config import ConfigError, RunConfig, load_config, member_cost_limits, to_yaml
+
+NAMES = ["point_goal", "car_circle", "speed_limit"]
+
+
+def test_defaults_follow_paper_table_1():
+    cfg = load_config([], NAMES)
+    c = cfg.cvpo
+    assert cfg.network.hidden == [256, 256]
+    assert (c.gamma, c.polyak, c.batch_size, c.num_particles, c.mstep_iterations) == (0.99, 0.995, 300, 32, 6)
+    assert (c.critic_lr, c.actor_lr, c.kl_bound, c.kl_mean_bound, c.kl_cov_bound) == (1e-3, 2e-3, 0.1, 1e-3, 1e-4)
+
+
+def test_nested_overrides_and_types():
+    cfg = load_config(["cvpo.kl_bound=0.05", "num_seeds=3", "network.hidden=[64,32]", "cvpo.per_state_dual=true"],
+                      NAMES)
+    assert cfg.cvpo.kl_bound == 0.05 and cfg.num_seeds == 3 and cfg.network.hidden == [64, 32]
+    assert cfg.cvpo.per_state_dual is True
+
+
+def test_env_preset_then_user_override():
+    assert load_config(["env=car_circle"], NAMES).cvpo.num_particles == 64
+    assert load_config(["env=car_circle", "cvpo.num_particles=8"], NAMES).cvpo.num_particles == 8
+    assert load_config(["env=point_goal"], NAMES).cvpo.num_particles == 32
+
+
+@pytest.mark.parametrize("arg, words", [
+    ("cvpo.num_particle=3", ["unknown option 'cvpo.num_particle'", "cvpo.num_particles"]),
+    ("cvpo.num_particles=abc", ["cvpo.num_particles=abc", "int"]),
+    ("num_seeds=1.5", ["num_seeds", "int"]),
+    ("cvpo.num_particles=0", ["cvpo.num_particles", ">= 1"]),
+    ("cvpo.kl_bound=0", ["cvpo.kl_bound", "> 0"]),
+    ("cvpo.kl_bound=-0.1", ["cvpo.kl_bound", "> 0"]),
+    ("cost_limit=-1", ["cost_limit", ">= 0"]),
+    ("env=nope", ["env=nope", "point_goal", "car_circle"]),
+    ("network.covariance=weird", ["network.covariance", "full, diag"]),
+    ("cvpo.gamma=1.5", ["cvpo.gamma", "(0, 1)"]),
+    ("sweep.cost_limits=[5,-1]", ["sweep.cost_limits", ">= 0"]),
+    ("replay_capacity=10", ["replay_capacity", "batch size"]),
+    ("novalue", ["key=value"]),
+])
+def test_bad_values_give_one_line_errors(arg, words):
+    with pytest.raises(ConfigError) as info:
+        load_config([arg], NAMES)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_sweep_members_cross_limits_with_seeds():
+    cfg = load_config(["num_seeds=2", "sweep.cost_limits=[5,10,20]"], NAMES)
+    assert member_cost_limits(cfg) == [5.0, 5.0, 10.0, 10.0, 20.0, 20.0]
+
+
+def test_yaml_round_trip(tmp_path):
+    from cvpo_jax.config import from_yaml_file
+
+    cfg = load_config(["cvpo.kl_bound=0.2", "network.hidden=[8]", "cost_limit=3"], NAMES)
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    assert from_yaml_file(str(path)) == cfg
+    assert isinstance(from_yaml_file(str(path)), RunConfig)
