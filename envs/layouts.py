@@ -48,25 +48,44 @@ def _first_valid(cands: jax.Array, placed_xy: jax.Array, placed_keepout: jax.Arr
   return cands[idx], ok
 
 
-def _sample_once(rng: jax.Array, items: tuple[Item, ...], extents, tries: int):
-  placed_xy = jnp.zeros((0, 2))
-  placed_keepout = jnp.zeros((0,))
-  ok = jnp.array(True)
-  out = {}
+def _slots(items: tuple[Item, ...]):
+  """Flatten items into per-object arrays: keepout [S], fixed [S] (bool), location [S, 2]."""
+  keepout, fixed, loc = [], [], []
   for item in items:
-    xs = []
     for i in range(item.count):
-      rng, key = jax.random.split(rng)
-      if i < len(item.locations):
-        cands = jnp.asarray(item.locations[i], dtype=jnp.float32)[None, :]  # [1, 2]
-      else:
-        cands = _uniform_xy(key, extents, item.keepout, tries)  # [tries, 2]
-      xy, ok_i = _first_valid(cands, placed_xy, placed_keepout, item.keepout)
-      ok = ok & ok_i
-      placed_xy = jnp.concatenate([placed_xy, xy[None]], axis=0)
-      placed_keepout = jnp.concatenate([placed_keepout, jnp.array([item.keepout])])
-      xs.append(xy)
-    out[item.name] = jnp.stack(xs) if xs else jnp.zeros((0, 2))  # [count, 2]
+      keepout.append(item.keepout)
+      fixed.append(i < len(item.locations))
+      loc.append(item.locations[i] if i < len(item.locations) else (0.0, 0.0))
+  return (jnp.asarray(keepout, jnp.float32).reshape(-1), jnp.asarray(fixed, bool).reshape(-1),
+          jnp.asarray(loc, jnp.float32).reshape(-1, 2))
+
+
+def _sample_once(rng: jax.Array, items: tuple[Item, ...], extents, tries: int):
+  """One layout attempt. A scan over objects (not a Python loop) so XLA compiles one placement step."""
+  keepout, fixed, loc = _slots(items)
+  n = keepout.shape[0]
+  xmin, ymin, xmax, ymax = extents
+
+  def place(carry, k):
+    placed_xy, ok, rng = carry  # [n, 2], [], key
+    rng, key = jax.random.split(rng)
+    lo = jnp.array([xmin, ymin]) + keepout[k]
+    hi = jnp.array([xmax, ymax]) - keepout[k]
+    cands = jax.random.uniform(key, (tries, 2), minval=lo, maxval=hi)  # [tries, 2]
+    cands = jnp.where(fixed[k], jnp.broadcast_to(loc[k], cands.shape), cands)
+    dist = jnp.linalg.norm(cands[:, None, :] - placed_xy[None, :, :], axis=-1)  # [tries, n]
+    slack = dist - (keepout[k] + keepout)[None, :]
+    slack = jnp.where(jnp.arange(n)[None, :] < k, slack, jnp.inf)  # only objects placed before k
+    slack = jnp.min(slack, axis=1)  # [tries]
+    valid = slack >= 0
+    idx = jnp.where(jnp.any(valid), jnp.argmax(valid), jnp.argmax(slack))
+    return (placed_xy.at[k].set(cands[idx]), ok & jnp.any(valid), rng), None
+
+  (placed_xy, ok, _), _ = jax.lax.scan(place, (jnp.zeros((n, 2)), jnp.array(True), rng), jnp.arange(n))
+  out, start = {}, 0
+  for item in items:
+    out[item.name] = placed_xy[start:start + item.count]  # [count, 2]
+    start += item.count
   return out, ok
 
 

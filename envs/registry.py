@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import button, circle, goal
+from brax.envs.base import Env
+
+from . import button, circle, goal, toy
 from .base import Config, SafetyEnv, check_overrides
 
 _Entry = tuple[type[SafetyEnv], Callable[[], Config]]
@@ -25,8 +27,12 @@ for _robot in ("point", "car"):
   })
 
 
+# Pure-JAX tasks without MuJoCo, for tests and quick checks of the learners.
+_PLAIN_TASKS: dict[str, Callable[[], Env]] = {"speed_limit": toy.SpeedLimit}
+
+
 def names() -> list[str]:
-  return sorted(_REGISTRY)
+  return sorted(_REGISTRY) + sorted(_PLAIN_TASKS)
 
 
 def default_config(name: str) -> Config:
@@ -34,13 +40,17 @@ def default_config(name: str) -> Config:
   return _REGISTRY[name][1]()
 
 
-def make(name: str, **overrides) -> SafetyEnv:
+def make(name: str, **overrides) -> Env:
   """Build the env `name`; keyword overrides replace fields of its Config (envs/base.py)."""
   _check_name(name)
+  if name in _PLAIN_TASKS:
+    if overrides:
+      raise ValueError(f"{name} takes no overrides, got {', '.join(sorted(overrides))}")
+    return _PLAIN_TASKS[name]()
   env_cls, preset = _REGISTRY[name]
   return env_cls(check_overrides(preset(), overrides), name=name)
 
 
 def _check_name(name: str) -> None:
-  if name not in _REGISTRY:
+  if name not in _REGISTRY and name not in _PLAIN_TASKS:
     raise ValueError(f"unknown env {name!r}; valid names: {', '.join(names())}")

@@ -2,6 +2,8 @@
 
 import os
 
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see cvpo_jax/__init__.py
+
 import jax
 
 _CACHE_DIR = os.environ.get(

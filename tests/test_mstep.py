@@ -10,8 +10,15 @@ import pytest
 from scipy import stats
 
 from cvpo_jax import networks
-from cvpo_jax.mstep import MStepDuals, init_mstep_duals, mstep_dual_loss, mstep_loss, mstep_update, update_duals
-from cvpo_jax.policy import Gaussian, kl_covariance, kl_mean, sample
+from cvpo_jax.mstep import (
+    MStepDuals,
+    init_mstep_duals,
+    mstep_dual_loss,
+    mstep_loss,
+    mstep_update,
+    update_duals,
+)
+from cvpo_jax.policy import kl_covariance, kl_mean, sample
 
 B, K, A, O = 32, 8, 2, 3
 EPS_MEAN, EPS_COV = 1e-3, 1e-4
@@ -25,9 +32,8 @@ class Setup:
         self.nets = networks.make_networks(O, A, hidden=(16, 16))
         self.apply = self.nets.policy.apply
         # Everything below is built in one compiled call (compiling op by op is slow on a shared CPU).
-        (self.params, self.old_params, self.obs, self.old, self.particles, self.weights) = jax.jit(self._build)(
-            jax.random.key(0)
-        )
+        built = jax.jit(self._build)(jax.random.key(0))
+        self.params, self.old_params, self.obs, self.old, self.particles, self.weights = built
 
     def _build(self, key):
         init_key, obs_key, noise_key, sample_key = jax.random.split(key, 4)
@@ -68,13 +74,16 @@ def test_loss_matches_scipy(setup):
     ml, c_mean, c_cov = [], [], []
     for b in range(B):
         mu, mu_old = to64(new.mean[b]), to64(setup.old.mean[b])
-        cov, cov_old = to64(new.scale_tril[b]) @ to64(new.scale_tril[b]).T, to64(setup.old.scale_tril[b]) @ to64(setup.old.scale_tril[b]).T
-        a = to64(setup.particles[b])
-        log_p = stats.multivariate_normal(mu, cov_old).logpdf(a) + stats.multivariate_normal(mu_old, cov).logpdf(a)
+        tril, tril_old = to64(new.scale_tril[b]), to64(setup.old.scale_tril[b])
+        cov, cov_old = tril @ tril.T, tril_old @ tril_old.T
+        a = to64(setup.particles[b])  # [K, A]
+        log_p = stats.multivariate_normal(mu, cov_old).logpdf(a)  # mean head under Σ_old
+        log_p = log_p + stats.multivariate_normal(mu_old, cov).logpdf(a)  # covariance head around μ_old
         ml.append(np.sum(to64(setup.weights[b]) * log_p))
         d = mu - mu_old
         c_mean.append(0.5 * d @ np.linalg.solve(cov_old, d))
-        c_cov.append(0.5 * (np.trace(np.linalg.solve(cov, cov_old)) - A + np.log(np.linalg.det(cov) / np.linalg.det(cov_old))))
+        log_det_ratio = np.log(np.linalg.det(cov) / np.linalg.det(cov_old))
+        c_cov.append(0.5 * (np.trace(np.linalg.solve(cov, cov_old)) - A + log_det_ratio))
     ml_loss, c_mean, c_cov = -np.mean(ml), np.mean(c_mean), np.mean(c_cov)
     np.testing.assert_allclose(aux["ml_loss"], ml_loss, rtol=1e-5)
     np.testing.assert_allclose(aux["kl_mean"], c_mean, rtol=1e-3)
@@ -111,7 +120,7 @@ def test_gradients_reach_only_the_policy(setup):
     for g in jax.tree.leaves((g_duals, g_old, g_particles, g_weights)):
         assert np.all(np.asarray(g) == 0.0)
     want = jax.tree.map(lambda a, b, c: a + 0.07 * b + 2.0 * c, g_ml, g_cm, g_cc)
-    for got_leaf, want_leaf, cm_leaf in zip(jax.tree.leaves(g_params), jax.tree.leaves(want), jax.tree.leaves(g_cm)):
+    for got_leaf, want_leaf in zip(jax.tree.leaves(g_params), jax.tree.leaves(want)):
         np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=1e-6)
     assert optax.tree.norm(g_cm) > 0 and optax.tree.norm(g_cc) > 0 and optax.tree.norm(g_ml) > 0
 
@@ -131,7 +140,9 @@ def test_update_duals_follows_eqs_81_82():
     g_duals, g_kl_mean, g_kl_cov = jax.grad(mstep_dual_loss, argnums=(0, 1, 2))(
         duals, jnp.float32(3e-3), jnp.float32(5e-4), **kw
     )
-    np.testing.assert_allclose([g_duals.alpha_mean, g_duals.alpha_cov], [EPS_MEAN - 3e-3, EPS_COV - 5e-4], rtol=1e-6)
+    np.testing.assert_allclose(
+        [g_duals.alpha_mean, g_duals.alpha_cov], [EPS_MEAN - 3e-3, EPS_COV - 5e-4], rtol=1e-6
+    )
     assert float(g_kl_mean) == 0.0 and float(g_kl_cov) == 0.0
     g_update = jax.grad(lambda c: sum(update_duals(duals, c, c, **kw)))(jnp.float32(3e-3))
     assert float(g_update) == 0.0
@@ -153,7 +164,9 @@ def run_mstep(setup):
 
 
 def _hyper(**overrides):
-    hyper = dict(kl_mean_bound=EPS_MEAN, kl_cov_bound=EPS_COV, lr_mean=1.0, lr_cov=100.0, max_mean=0.1, max_cov=10.0)
+    hyper = dict(
+        kl_mean_bound=EPS_MEAN, kl_cov_bound=EPS_COV, lr_mean=1.0, lr_cov=100.0, max_mean=0.1, max_cov=10.0
+    )
     hyper.update(overrides)
     return {k: jnp.float32(v) for k, v in hyper.items()}
 
@@ -213,10 +226,37 @@ def test_scan_equals_python_loop(setup):
     for _ in range(2):
         params, opt_state, duals = loop_step(params, opt_state, duals)
 
-    scanned = jax.jit(functools.partial(mstep_update, optimizer=optimizer, apply_policy=setup.apply, num_steps=2, **kw))
+    scanned = jax.jit(
+        functools.partial(mstep_update, optimizer=optimizer, apply_policy=setup.apply, num_steps=2, **kw)
+    )
     got_params, _, got_duals, _ = scanned(
         setup.old_params, optimizer.init(setup.old_params), init_mstep_duals(),
         obs=setup.obs, particles=setup.particles, weights=setup.weights, old=setup.old,
     )
     for got, want in zip(jax.tree.leaves((got_params, got_duals)), jax.tree.leaves((params, duals))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_diag_head_loss_and_zero_kl_at_old_policy():
+    """The diagonal head works end to end; at θ = θ_old both KL terms vanish and the gradient is finite."""
+    nets = networks.make_networks(O, A, hidden=(16, 16), covariance="diag")
+
+    @jax.jit
+    def run(key):
+        init_key, obs_key, sample_key = jax.random.split(key, 3)
+        obs = jax.random.normal(obs_key, (B, O))
+        params = nets.policy.init(init_key, obs)
+        old = nets.policy.apply(params, obs)
+        particles = sample(old, sample_key, K)
+        weights = jax.nn.softmax(4.0 * particles[..., 0], axis=-1)
+        grad_fn = jax.grad(mstep_loss, has_aux=True)
+        duals = MStepDuals(jnp.float32(0.1), jnp.float32(10.0))
+        return grad_fn(
+            params, nets.policy.apply, obs, particles, weights, old, duals,
+            kl_mean_bound=EPS_MEAN, kl_cov_bound=EPS_COV,
+        )
+
+    grads, aux = run(jax.random.key(5))
+    np.testing.assert_allclose([aux["kl_mean"], aux["kl_cov"]], [0.0, 0.0], atol=1e-6)
+    norm = float(optax.tree.norm(grads))
+    assert np.isfinite(norm) and norm > 0

@@ -7,7 +7,7 @@ sampled from the current policy (ORIG); the losses treat them as constants. Shap
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 # apply_twin_q(params, obs [B, O], actions [B, A]) -> [B, 2]; apply_q(params, obs, actions) -> [B].
 ApplyTwinQ = Callable[[object, jax.Array, jax.Array], jax.Array]
 ApplyQ = Callable[[object, jax.Array, jax.Array], jax.Array]
+PyTree = Any
 
 
 def reward_target(
@@ -107,6 +108,6 @@ def cost_critic_loss(
     return loss, {"loss": loss, "qc": jnp.mean(q), "target": jnp.mean(target)}
 
 
-def polyak_update(target, online, rho: float):
+def polyak_update(target: PyTree, online: PyTree, rho: float) -> PyTree:
     """ρ·target + (1 − ρ)·online, leaf by leaf, eq. (84). ρ = 0.995 (Table 1) moves the target slowly."""
     return jax.tree.map(lambda t, o: rho * t + (1.0 - rho) * o, target, online)

@@ -48,8 +48,9 @@ class Learner(NamedTuple):
     networks: networks.Networks
 
 
-# The original code's first E-step starts from η = λ = 0.1.
-INITIAL_DUAL = (0.1, 0.1)
+# NaN asks solve_dual for its scale-aware first start (λ = 0, η from the spread of Q_r) instead of the
+# original code's fixed η = λ = 0.1, which is far off when Q values are large.
+INITIAL_DUAL = (float("nan"), float("nan"))
 
 
 def make_learner(cfg: RunConfig, observation_size: int, action_size: int) -> Learner:

@@ -37,10 +37,10 @@ class MetricsLog:
     def write(self, env_steps: int, evaluation: dict, training: dict, cost_limits: Sequence[float]) -> None:
         """Append one row per member with the evaluation and the training metrics since the last one."""
         values = {**evaluation, **training}
-        if self.columns is None:
-            self.columns = LEADING_COLUMNS + sorted(values)
-            with open(self.path, "w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
+        if self.columns is None or not set(values) <= set(self.columns):
+            # The first row (before any training) lacks the training columns: widen the file once.
+            known = set(self.columns or []) | set(values)
+            self._rewrite_with_columns(LEADING_COLUMNS + sorted(known - set(LEADING_COLUMNS)))
         with open(self.path, "a", newline="") as f:
             writer = csv.writer(f)
             for m in range(self.num_members):
@@ -53,6 +53,17 @@ class MetricsLog:
             self.tb.add_scalar(f"{k}/mean", float(np.mean(v)), env_steps)
             for m in range(self.num_members):
                 self.tb.add_scalar(f"{k}/member{m}", float(np.ravel(v)[m]), env_steps)
+
+    def _rewrite_with_columns(self, columns: list[str]) -> None:
+        rows = []
+        if self.columns is not None and os.path.exists(self.path):
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.columns = columns
 
     def tensorboard(self, env_steps: int, metrics: dict) -> None:
         for k, v in metrics.items():

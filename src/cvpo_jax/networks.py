@@ -1,4 +1,4 @@
-"""Flax networks for CVPO: a Gaussian policy (full or diagonal covariance), twin reward critics, one cost critic.
+"""Flax networks for CVPO: a Gaussian policy (full or diagonal covariance), twin reward critics, cost critic.
 
 Shape legend: S = batch shape (e.g. [B] states), P = particle shape (e.g. [K] actions per state),
 O = observation size, A = action size.

@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -37,12 +36,23 @@ class Gaussian(NamedTuple):
     scale_tril: jax.Array  # [*S, A, A], lower triangular with a positive diagonal
 
 
-def _solve_lower(tril: jax.Array, rhs: jax.Array) -> jax.Array:
-    """tril⁻¹ · rhs by forward substitution, broadcasting the batch axes of both. # [*S, A, A], [*S, A, N]"""
-    batch = jnp.broadcast_shapes(tril.shape[:-2], rhs.shape[:-2])
-    tril = jnp.broadcast_to(tril, batch + tril.shape[-2:])
-    rhs = jnp.broadcast_to(rhs, batch + rhs.shape[-2:])
-    return solve_triangular(tril, rhs, lower=True)
+def _solve_lower(tril: jax.Array, vec: jax.Array) -> jax.Array:
+    """tril⁻¹ · vec by forward substitution, broadcasting leading axes. # [..., A, A], [..., A] -> [..., A]
+
+    Written out with elementwise ops (a static loop over the A action dimensions, not over data) rather
+    than `jax.scipy.linalg.solve_triangular`: on CPU that lowers to OpenBLAS `trsm` custom calls, and two of
+    them on large right-hand sides (e.g. [4, 3, 30000], or B·K = 3000·64 particles) scheduled concurrently
+    by XLA deadlock inside multithreaded OpenBLAS (jaxlib 0.10.2, OpenBLAS 0.3.30; OPENBLAS_NUM_THREADS=1
+    avoids it). For the tiny A of these tasks the substitution also fuses into the surrounding kernel.
+    """
+    size = vec.shape[-1]
+    solution = []
+    for i in range(size):
+        acc = vec[..., i]
+        for j in range(i):
+            acc = acc - tril[..., i, j] * solution[j]
+        solution.append(acc / tril[..., i, i])
+    return jnp.stack(solution, axis=-1)
 
 
 def _half_log_det(scale_tril: jax.Array) -> jax.Array:
@@ -67,22 +77,14 @@ def log_prob(dist: Gaussian, actions: jax.Array) -> jax.Array:
       log N(actions | mean, Σ), [*S, *P].
     """
     num_batch = dist.mean.ndim - 1
+    particle_axes = tuple(range(num_batch, actions.ndim - 1))  # where *P sits in [*S, *P, A]
+    # Singleton particle axes let each state's distribution broadcast over all of its particles.
+    mean = jnp.expand_dims(dist.mean, particle_axes)  # [*S, 1.., A]
+    scale_tril = jnp.expand_dims(dist.scale_tril, particle_axes)  # [*S, 1.., A, A]
+    z = _solve_lower(scale_tril, actions - mean)  # L⁻¹ (a − μ), [*S, *P, A]
+    half_log_det = jnp.expand_dims(_half_log_det(dist.scale_tril), particle_axes)  # ½ ln|Σ|, [*S, 1..]
     action_size = dist.mean.shape[-1]
-    batch = jnp.broadcast_shapes(dist.mean.shape[:-1], dist.scale_tril.shape[:-2], actions.shape[:num_batch])
-    particles = actions.shape[num_batch:-1]
-    actions = jnp.broadcast_to(actions, batch + actions.shape[num_batch:])
-    mean = jnp.broadcast_to(dist.mean, batch + (action_size,))
-    scale_tril = jnp.broadcast_to(dist.scale_tril, batch + (action_size, action_size))
-
-    # All particles of one state are right-hand sides of a single triangular solve.
-    diff = actions - mean.reshape(batch + (1,) * len(particles) + (action_size,))  # [*S, *P, A]
-    diff = diff.reshape(batch + (-1, action_size))  # [*S, N, A], N = prod(P) (1 if no particle axes)
-    z = _solve_lower(scale_tril, jnp.swapaxes(diff, -1, -2))  # [*S, A, N]
-    mahalanobis = jnp.sum(jnp.square(z), axis=-2)  # [*S, N]
-    log_density = (
-        -0.5 * mahalanobis - _half_log_det(scale_tril)[..., None] - 0.5 * action_size * _LOG_2PI
-    )  # [*S, N]
-    return log_density.reshape(batch + particles)
+    return -0.5 * jnp.sum(jnp.square(z), axis=-1) - half_log_det - 0.5 * action_size * _LOG_2PI
 
 
 def sample(dist: Gaussian, key: jax.Array, num_samples: int) -> jax.Array:
@@ -116,8 +118,7 @@ def kl_mean(old: Gaussian, new: Gaussian) -> jax.Array:
 
     Returns: [*S].
     """
-    diff = new.mean - old.mean  # [*S, A]
-    z = _solve_lower(old.scale_tril, diff[..., None])[..., 0]  # L_old⁻¹ (μ − μ_old), [*S, A]
+    z = _solve_lower(old.scale_tril, new.mean - old.mean)  # L_old⁻¹ (μ − μ_old), [*S, A]
     return 0.5 * jnp.sum(jnp.square(z), axis=-1)
 
 
@@ -130,7 +131,8 @@ def kl_covariance(old: Gaussian, new: Gaussian) -> jax.Array:
     Returns: [*S].
     """
     action_size = old.mean.shape[-1]
-    ratio = _solve_lower(new.scale_tril, old.scale_tril)  # L⁻¹ L_old, [*S, A, A]
+    # Rows of the result are L⁻¹ applied to the columns of L_old: (L⁻¹ L_old)ᵀ, same Frobenius norm.
+    ratio = _solve_lower(new.scale_tril[..., None, :, :], jnp.swapaxes(old.scale_tril, -1, -2))  # [*S, A, A]
     trace = jnp.sum(jnp.square(ratio), axis=(-2, -1))  # [*S]
     log_det_ratio = 2.0 * (_half_log_det(new.scale_tril) - _half_log_det(old.scale_tril))  # ln |Σ|/|Σ_old|
     return 0.5 * (trace - action_size + log_det_ratio)
@@ -138,6 +140,5 @@ def kl_covariance(old: Gaussian, new: Gaussian) -> jax.Array:
 
 def kl(old: Gaussian, new: Gaussian) -> jax.Array:
     """Full KL(old ‖ new) = C_Σ + ½ (μ − μ_old)ᵀ Σ⁻¹ (μ − μ_old), with Σ the *new* covariance. # [*S]"""
-    diff = new.mean - old.mean  # [*S, A]
-    z = _solve_lower(new.scale_tril, diff[..., None])[..., 0]  # L⁻¹ (μ − μ_old), [*S, A]
+    z = _solve_lower(new.scale_tril, new.mean - old.mean)  # L⁻¹ (μ − μ_old), [*S, A]
     return kl_covariance(old, new) + 0.5 * jnp.sum(jnp.square(z), axis=-1)

@@ -1,0 +1,169 @@
+"""The trainer end to end on the pure-JAX `speed_limit` task: learning, resume after SIGKILL, NaN stop, CLI.
+
+All runs share one tiny configuration with two sweep members, so they reuse one compiled chunk function
+(in-process through the persistent compilation cache, which the subprocesses are pointed at too).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cvpo_jax import checkpoint, run
+
+TINY = [
+    "env=speed_limit", "network.hidden=[32,32]", "cvpo.batch_size=64", "cvpo.num_particles=16",
+    "num_envs=4", "chunk_env_steps=400", "warmup_env_steps=200", "cvpo.gamma=0.9", "cvpo.polyak=0.95",
+    "eval_episodes=4", "progress=false",
+]
+
+
+def _subprocess_env() -> dict:
+    env = dict(os.environ)
+    env.update({
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def _rows(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _final_params(run_dir: str):
+    cfg = run.resolve([f"resume={run_dir}"])
+    from cvpo_jax import envs
+    from cvpo_jax.trainer import make_trainer, member_keys
+
+    trainer = make_trainer(cfg, envs.make(cfg.env), cfg.episode_length)
+    like = jax.eval_shape(trainer.init, member_keys(cfg))
+    like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), like)
+    state = checkpoint.restore(run_dir, checkpoint.latest_iteration(run_dir), like)
+    return state.learner.params
+
+
+@pytest.fixture(scope="module")
+def learning_run(tmp_path_factory):
+    """CVPO (cost limit 5) and the same learner with a limit it never meets (1000), side by side."""
+    out = tmp_path_factory.mktemp("runs")
+    code = run.main(TINY + ["sweep.cost_limits=[5,1000]", "total_env_steps=4000", "eval_every_env_steps=1000",
+                            "checkpoint_every_env_steps=400", f"out_dir={out}", "run_name=learn"])
+    assert code == 0
+    return str(out / "learn")
+
+
+def test_cvpo_keeps_cost_under_limit_where_unconstrained_does_not(learning_run):
+    rows = _rows(learning_run)
+    final_step = max(int(r["env_steps"]) for r in rows)
+    first = {int(r["member"]): r for r in rows if int(r["env_steps"]) == 0}
+    last = {int(r["member"]): r for r in rows if int(r["env_steps"]) == final_step}
+    constrained, unconstrained = last[0], last[1]
+    assert float(constrained["cost_limit"]) == 5.0 and float(unconstrained["cost_limit"]) == 1000.0
+    # The unconstrained learner drives over the speed limit; CVPO stays under its episodic limit ...
+    assert float(unconstrained["eval/episode_cost"]) > 20.0
+    assert float(constrained["eval/episode_cost"]) <= 5.0
+    # ... and its reward still rises from the untrained policy's.
+    assert float(constrained["eval/episode_reward"]) > float(first[0]["eval/episode_reward"]) + 5.0
+    # The E-step's multiplier is what does it.
+    assert float(constrained["estep/lambda"]) > 0.0 and float(unconstrained["estep/lambda"]) == 0.0
+
+
+def test_run_directory_contents(learning_run):
+    for name in ("config.yaml", "metrics.csv", "curves.png", "tb", "checkpoints"):
+        assert os.path.exists(os.path.join(learning_run, name)), name
+    assert checkpoint.latest_iteration(learning_run) == 1000  # 4000 env steps / 4 envs
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(learning_run, tmp_path):
+    command = [sys.executable, "-m", "cvpo_jax.run", *TINY, "sweep.cost_limits=[5,1000]", "total_env_steps=4000",
+               "eval_every_env_steps=1000", "checkpoint_every_env_steps=400", f"out_dir={tmp_path}",
+               "run_name=killed"]
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(command, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        ckpts = killed_dir / "checkpoints"
+        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    survived = checkpoint.latest_iteration(str(killed_dir))
+    assert survived is not None and survived < 1000
+
+    assert run.main([f"resume={killed_dir}"]) == 0
+    resumed, uninterrupted = _final_params(str(killed_dir)), _final_params(learning_run)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+        np.testing.assert_array_equal(a, b)
+    steps = [int(r["env_steps"]) for r in _rows(str(killed_dir)) if r["member"] == "0"]
+    assert steps == sorted(set(steps)), "metrics rows after the checkpoint must not be duplicated on resume"
+
+
+def test_non_finite_update_stops_the_run_and_keeps_the_checkpoint(learning_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    run_dir = tmp_path / "poisoned"
+    shutil.copytree(learning_run, run_dir)
+    before = checkpoint.latest_iteration(str(run_dir))
+    real_restore = checkpoint.restore
+
+    def restore_with_nan_rewards(*args, **kwargs):
+        state = real_restore(*args, **kwargs)
+        data = state.replay.data
+        return state.replace(replay=state.replay.replace(data=data.replace(reward=data.reward * np.nan)))
+
+    monkeypatch.setattr(checkpoint, "restore", restore_with_nan_rewards)
+    code = run.main([f"resume={run_dir}", "total_env_steps=4800"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and "non-finite" in err[0] and "last good checkpoint" in err[0]
+    assert checkpoint.latest_iteration(str(run_dir)) == before
+
+
+def test_evaluate_cli_reports_and_draws(learning_run, tmp_path, capsys):
+    from cvpo_jax import evaluate
+
+    picture = tmp_path / "rollout.png"
+    assert evaluate.main([f"run={learning_run}", "episodes=2", f"picture={picture}"]) == 0
+    out = capsys.readouterr().out
+    assert "episode_reward" in out and "episode_cost" in out
+    assert picture.stat().st_size > 1000
+
+
+def test_bad_input_exits_2_with_one_line_and_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "cvpo_jax.run", "env=nope"], capture_output=True, text=True,
+                            env=_subprocess_env(), timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "point_goal" in lines[0]
+
+
+def test_print_config_shows_resolved_presets(capsys):
+    assert run.main(["env=point_goal", "print_config=true", "cvpo.kl_bound=0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "episode_length: 400" in out and "cost_limit: 10.0" in out and "kl_bound: 0.05" in out
+
+
+@pytest.mark.slow
+def test_members_shard_over_two_fake_devices(tmp_path):
+    env = _subprocess_env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    result = subprocess.run(
+        [sys.executable, "-m", "cvpo_jax.run", *TINY, "num_seeds=2", "devices=2", "total_env_steps=800",
+         f"out_dir={tmp_path}", "run_name=sharded"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(_rows(str(tmp_path / "sharded"))) == 2 * 2  # evaluations at 0 and 800, two members
