@@ -7,6 +7,6 @@ See envs/README.md for the tasks, what differs from Safety-Gymnasium, and measur
 """
 
 from .base import Config, SafetyEnv
-from .registry import default_config, make, names
+from .registry import default_config, make, mjx_names, names
 
-__all__ = ["Config", "SafetyEnv", "default_config", "make", "names"]
+__all__ = ["Config", "SafetyEnv", "default_config", "make", "mjx_names", "names"]

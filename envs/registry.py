@@ -13,18 +13,18 @@ _Entry = tuple[type[SafetyEnv], Callable[[], Config]]
 
 _REGISTRY: dict[str, _Entry] = {}
 for _robot in ("point", "car"):
-  _REGISTRY.update({
-      # The CVPO paper's fixed-layout variants.
-      f"{_robot}_goal": (button.ButtonEnv, lambda r=_robot: button.cvpo_goal_config(r)),
-      f"{_robot}_button": (button.ButtonEnv, lambda r=_robot: button.cvpo_button_config(r)),
-      f"{_robot}_circle": (circle.CircleEnv, lambda r=_robot: circle.cvpo_circle_config(r)),
-      # Safety-Gymnasium levels (layouts redrawn every reset).
-      f"{_robot}_goal1": (goal.GoalEnv, lambda r=_robot: goal.default_config(r, 1)),
-      f"{_robot}_button1": (button.ButtonEnv, lambda r=_robot: button.default_config(r, 1)),
-      f"{_robot}_button2": (button.ButtonEnv, lambda r=_robot: button.default_config(r, 2)),
-      f"{_robot}_circle1": (circle.CircleEnv, lambda r=_robot: circle.default_config(r, 1)),
-      f"{_robot}_circle2": (circle.CircleEnv, lambda r=_robot: circle.default_config(r, 2)),
-  })
+    _REGISTRY.update({
+        # The CVPO paper's fixed-layout variants.
+        f"{_robot}_goal": (button.ButtonEnv, lambda r=_robot: button.cvpo_goal_config(r)),
+        f"{_robot}_button": (button.ButtonEnv, lambda r=_robot: button.cvpo_button_config(r)),
+        f"{_robot}_circle": (circle.CircleEnv, lambda r=_robot: circle.cvpo_circle_config(r)),
+        # Safety-Gymnasium levels (layouts redrawn every reset).
+        f"{_robot}_goal1": (goal.GoalEnv, lambda r=_robot: goal.default_config(r, 1)),
+        f"{_robot}_button1": (button.ButtonEnv, lambda r=_robot: button.default_config(r, 1)),
+        f"{_robot}_button2": (button.ButtonEnv, lambda r=_robot: button.default_config(r, 2)),
+        f"{_robot}_circle1": (circle.CircleEnv, lambda r=_robot: circle.default_config(r, 1)),
+        f"{_robot}_circle2": (circle.CircleEnv, lambda r=_robot: circle.default_config(r, 2)),
+    })
 
 
 # Pure-JAX tasks without MuJoCo, for tests and quick checks of the learners.
@@ -32,25 +32,33 @@ _PLAIN_TASKS: dict[str, Callable[[], Env]] = {"speed_limit": toy.SpeedLimit}
 
 
 def names() -> list[str]:
-  return sorted(_REGISTRY) + sorted(_PLAIN_TASKS)
+    return sorted(_REGISTRY) + sorted(_PLAIN_TASKS)
 
 
 def default_config(name: str) -> Config:
-  _check_name(name)
-  return _REGISTRY[name][1]()
+    """The preset Config of an MJX task (plain tasks have none)."""
+    _check_name(name)
+    if name in _PLAIN_TASKS:
+        raise ValueError(f"{name} is a plain JAX task without a Config")
+    return _REGISTRY[name][1]()
+
+
+def mjx_names() -> list[str]:
+    """The MuJoCo/MJX tasks only (names() also lists plain JAX tasks such as speed_limit)."""
+    return sorted(_REGISTRY)
 
 
 def make(name: str, **overrides) -> Env:
-  """Build the env `name`; keyword overrides replace fields of its Config (envs/base.py)."""
-  _check_name(name)
-  if name in _PLAIN_TASKS:
-    if overrides:
-      raise ValueError(f"{name} takes no overrides, got {', '.join(sorted(overrides))}")
-    return _PLAIN_TASKS[name]()
-  env_cls, preset = _REGISTRY[name]
-  return env_cls(check_overrides(preset(), overrides), name=name)
+    """Build the env `name`; keyword overrides replace fields of its Config (envs/base.py)."""
+    _check_name(name)
+    if name in _PLAIN_TASKS:
+        if overrides:
+            raise ValueError(f"{name} takes no overrides, got {', '.join(sorted(overrides))}")
+        return _PLAIN_TASKS[name]()
+    env_cls, preset = _REGISTRY[name]
+    return env_cls(check_overrides(preset(), overrides), name=name)
 
 
 def _check_name(name: str) -> None:
-  if name not in _REGISTRY and name not in _PLAIN_TASKS:
-    raise ValueError(f"unknown env {name!r}; valid names: {', '.join(names())}")
+    if name not in _REGISTRY and name not in _PLAIN_TASKS:
+        raise ValueError(f"unknown env {name!r}; valid names: {', '.join(names())}")

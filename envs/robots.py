@@ -23,22 +23,22 @@ OBSTACLE_BIT = 2
 
 @dataclasses.dataclass(frozen=True)
 class Robot:
-  """Static description of a robot: MJCF pieces and the facts the env code needs."""
+    """Static description of a robot: MJCF pieces and the facts the env code needs."""
 
-  name: str
-  body_xml: str  # <body name="robot"> ... </body>, placed under <worldbody>
-  actuator_xml: str  # <actuator> children
-  body_height: float  # z of the robot body origin (the sensor site) when resting on the floor
-  sgym_timestep: float  # Safety-Gym / Safety-Gymnasium physics timestep
-  cvpo_timestep: float  # the CVPO paper's modified timestep
-  ball_joints: tuple[str, ...]  # ball joints whose angvel (3) and quat-as-matrix (9) are observed
-  free_root: bool  # True: root is a free joint (qpos x, y, z, quat); False: slide x, slide y, hinge z
-  nominal_speed: float  # straight-line speed at full forward command, m/s (spec, measured with MuJoCo)
-  sensor_size: int  # accelerometer, velocimeter, gyro, magnetometer (+ ball joints)
+    name: str
+    body_xml: str  # <body name="robot"> ... </body>, placed under <worldbody>
+    actuator_xml: str  # <actuator> children
+    body_height: float  # z of the robot body origin (the sensor site) when resting on the floor
+    sgym_timestep: float  # Safety-Gym / Safety-Gymnasium physics timestep
+    cvpo_timestep: float  # the CVPO paper's modified timestep
+    ball_joints: tuple[str, ...]  # ball joints whose angvel (3) and quat-as-matrix (9) are observed
+    free_root: bool  # True: root is a free joint (qpos x, y, z, quat); False: slide x, slide y, hinge z
+    nominal_speed: float  # straight-line speed at full forward command, m/s (spec, measured with MuJoCo)
+    sensor_size: int  # accelerometer, velocimeter, gyro, magnetometer (+ ball joints)
 
-  def forward_action(self) -> np.ndarray:
-    """Action that drives straight ahead at full speed."""
-    return np.ones(2, dtype=np.float32)
+    def forward_action(self) -> np.ndarray:
+        """Action that drives straight ahead at full speed."""
+        return np.ones(2, dtype=np.float32)
 
 
 # Point: one sphere body sliding in the plane. The arrow box (the "nose") keeps its mass but not its
@@ -151,35 +151,35 @@ ROBOTS = {"point": POINT, "car": CAR}
 
 
 def get(name: str) -> Robot:
-  if name not in ROBOTS:
-    raise ValueError(f"unknown robot {name!r}; valid robots: {', '.join(sorted(ROBOTS))}")
-  return ROBOTS[name]
+    if name not in ROBOTS:
+        raise ValueError(f"unknown robot {name!r}; valid robots: {', '.join(sorted(ROBOTS))}")
+    return ROBOTS[name]
 
 
 def initial_qpos(robot: Robot, qpos0: np.ndarray, xy, yaw):
-  """qpos [nq] with the robot at (x, y) facing yaw (radians), everything else from qpos0.
+    """qpos [nq] with the robot at (x, y) facing yaw (radians), everything else from qpos0.
 
-  Works on numpy or jax inputs (xy [2], yaw scalar); returns the same kind of array as xy.
-  """
-  import jax.numpy as jnp
+    Works on numpy or jax inputs (xy [2], yaw scalar); returns the same kind of array as xy.
+    """
+    import jax.numpy as jnp
 
-  xp = jnp if not isinstance(xy, np.ndarray) else np
-  qpos = xp.asarray(qpos0)
-  if robot.free_root:
-    # Free joint qpos is absolute: x, y, z, quaternion (w, x, y, z) of a yaw rotation.
-    root = xp.stack(
-        [xy[0], xy[1], xp.asarray(robot.body_height, dtype=qpos.dtype) + 0 * xy[0],
-         xp.cos(yaw / 2), 0 * yaw, 0 * yaw, xp.sin(yaw / 2)]
-    )
+    xp = jnp if not isinstance(xy, np.ndarray) else np
+    qpos = xp.asarray(qpos0)
+    if robot.free_root:
+        # Free joint qpos is absolute: x, y, z, quaternion (w, x, y, z) of a yaw rotation.
+        root = xp.stack(
+            [xy[0], xy[1], xp.asarray(robot.body_height, dtype=qpos.dtype) + 0 * xy[0],
+             xp.cos(yaw / 2), 0 * yaw, 0 * yaw, xp.sin(yaw / 2)]
+        )
+        if xp is np:
+            qpos = qpos.copy()
+            qpos[:7] = root
+            return qpos
+        return qpos.at[:7].set(root.astype(qpos.dtype))
+    # Point: slide joints are offsets from the body position (0, 0, 0.1), hinge is the yaw.
+    root = xp.stack([xy[0], xy[1], yaw])
     if xp is np:
-      qpos = qpos.copy()
-      qpos[:7] = root
-      return qpos
-    return qpos.at[:7].set(root.astype(qpos.dtype))
-  # Point: slide joints are offsets from the body position (0, 0, 0.1), hinge is the yaw.
-  root = xp.stack([xy[0], xy[1], yaw])
-  if xp is np:
-    qpos = qpos.copy()
-    qpos[:3] = root
-    return qpos
-  return qpos.at[:3].set(root.astype(qpos.dtype))
+        qpos = qpos.copy()
+        qpos[:3] = root
+        return qpos
+    return qpos.at[:3].set(root.astype(qpos.dtype))

@@ -20,10 +20,16 @@ def _manager(run_dir: str) -> ocp.CheckpointManager:
     )
 
 
+def _non_empty_leaves(tree: Any) -> dict[str, Any]:
+    """The leaves of `tree` that hold data, keyed by their position: orbax refuses zero-size arrays, and
+    mjx.Data has some (for example `act` of a model without actuator activations)."""
+    return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree)) if leaf.size}
+
+
 def save(run_dir: str, iteration: int, state: Any) -> None:
     """Save `state` as the checkpoint of `iteration` (iterations done per member)."""
     manager = _manager(run_dir)
-    manager.save(iteration, args=ocp.args.StandardSave(state))
+    manager.save(iteration, args=ocp.args.StandardSave(_non_empty_leaves(state)))
     manager.wait_until_finished()
     manager.close()
 
@@ -39,9 +45,12 @@ def latest_iteration(run_dir: str) -> Optional[int]:
 
 def restore(run_dir: str, iteration: int, like: Any) -> Any:
     """Restore the checkpoint of `iteration` into the structure, shapes and shardings of `like`."""
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
+    abstract = {
+        key: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+        for key, x in _non_empty_leaves(like).items()
+    }
     manager = _manager(run_dir)
-    state = manager.restore(iteration, args=ocp.args.StandardRestore(abstract))
+    saved = manager.restore(iteration, args=ocp.args.StandardRestore(abstract))
     manager.close()
-    return state
+    leaves, treedef = jax.tree.flatten(like)
+    return jax.tree.unflatten(treedef, [saved.get(str(i), leaf) for i, leaf in enumerate(leaves)])

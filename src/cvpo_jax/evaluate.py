@@ -31,27 +31,51 @@ def _parse(argv: Sequence[str]) -> dict[str, str]:
     return options
 
 
-def rollout_positions(trainer, params, key, member: int):
-    """Robot xy path [T, 2] of one episode of the policy mean of `member` (and the states for drawing)."""
+def draw_policy_rollout(trainer, params, member: int, path: str, title: str, seed: int = 0) -> None:
+    """One episode of the policy mean of `member`, drawn top-down to `path`."""
     import jax
 
-    env = trainer.env
+    from cvpo_jax import envs
+    from cvpo_jax.envs import render
+
     params = jax.tree.map(lambda x: x[member], params)
-    act = trainer.learner.act
 
-    @jax.jit
-    def episode(key):
+    def policy(obs, key):
+        return trainer.learner.act(params, obs[None], key, deterministic=True)[0]
+
+    env = trainer.env
+    if isinstance(env, envs.SafetyEnv):
+        trajectory = render.rollout(env, steps=trainer.schedule.episode_length, seed=seed, policy=policy)
+        render.render_rollout(env, trajectory, path, title=title)
+    else:
+        _draw_plain_path(env, policy, trainer.schedule.episode_length, seed, path, title)
+
+
+def _draw_plain_path(env, policy, steps: int, seed: int, path: str, title: str) -> None:
+    """For the pure-JAX tasks, whose state is a plain position: the path on the plane."""
+    import jax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def run(key):
+        def body(state, key):
+            state = env.step(state, policy(state.obs, key))
+            return state, (state.pipeline_state, state.info["cost"])
+
         state = env.reset(key)
+        return jax.lax.scan(body, state, jax.random.split(key, steps))[1]
 
-        def step(state, _):
-            action = act(params, state.obs[None], key, deterministic=True)[0]
-            state = env.step(state, action)
-            return state, state.pipeline_state
-
-        _, pipeline_states = jax.lax.scan(step, state, None, length=trainer.schedule.episode_length)
-        return state.pipeline_state, pipeline_states
-
-    return episode(key)
+    positions, costs = jax.device_get(jax.jit(run)(jax.random.PRNGKey(seed)))  # [T, 2], [T]
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=110)
+    ax.plot(positions[:, 0], positions[:, 1], color="0.3", lw=1)
+    ax.scatter(positions[:, 0], positions[:, 1], c=costs, cmap="coolwarm", vmin=0, vmax=1, s=12)
+    ax.set_aspect("equal")
+    ax.set_title(f"{title}\nred: steps with cost ({int(costs.sum())})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -101,9 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{metrics['eval/episode_cost'][m]:>13.3f} {metrics['eval/cost_rate'][m]:>10.4f}")
 
     picture = options.get("picture", os.path.join(run_dir, "rollout.png"))
-    first, states = rollout_positions(trainer, state.learner.params, jax.random.PRNGKey(member), member)
-    envs.render.draw_rollout(env, first, states, picture,
-                             title=f"{cfg.env}, member {member}, policy mean at {env_steps} env steps")
+    draw_policy_rollout(trainer, state.learner.params, member, picture,
+                        title=f"{cfg.algo} on {cfg.env}, member {member}, policy mean at {env_steps} env steps")
     print(f"rollout picture: {picture}")
     return 0
 
