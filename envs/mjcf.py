@@ -49,8 +49,8 @@ class SceneSpec:
     # Solver settings. MJX pays for every solver iteration across the whole batch (a while-loop runs until the
     # slowest env converges), so they are kept as low as the fidelity tests allow (see README).
     solver: str = "Newton"
-    iterations: int = 4
-    ls_iterations: int = 8
+    iterations: int = 10
+    ls_iterations: int = 5
     # MJX broad phase: per collision-function group, only the N closest candidate pairs are tested.
     max_geom_pairs: int = 2
     nuserdata: int = 0  # task scalars kept in mjx.Data.userdata (see base.py)

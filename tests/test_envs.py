@@ -250,6 +250,21 @@ def test_point_goal_sensors_match_mujoco_c():
     _check_sensors_against_c(env, s)
 
 
+def test_point_goal_render_png(tmp_path):
+    from cvpo_jax.envs import render
+
+    env, reset, step = compiled("point_goal")
+    states = [reset(jax.random.PRNGKey(0))]
+    for a in jax.random.uniform(jax.random.PRNGKey(5), (30, 2), minval=-1, maxval=1):
+        states.append(step(states[-1], a))
+    traj = render.trajectory_from_states(env, states)
+    assert traj.robot_xy.shape == (31, 2) and traj.mocap_xy.shape[0] == 31
+    np.testing.assert_allclose(traj.robot_xy[0], np.asarray(states[0].pipeline_state.qpos[:2]), atol=1e-6)
+    path = render.render_rollout(env, traj, str(tmp_path / "point_goal.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 # ----- car_button: the CVPO Button task with the Car ---------------------------------------------------
 
 

@@ -184,3 +184,21 @@ def test_obstacles_collide_only_with_the_robot():
     assert all(m.geom_contype[g] == robots.FLOOR_BIT for g in wheels)
     for name in ("button0", "gremlin0", "vase0"):
         assert m.geom_contype[m.geom(name).id] == 0  # obstacles never collide with each other
+
+
+@pytest.mark.parametrize("argv", [["envs=point_gaol"], ["batches=1,x"], ["steps=0"], ["bogus"], ["colour=red"]])
+def test_env_benchmark_bad_options_exit_2(argv, capsys):
+    from cvpo_jax.benchmarks import env as env_bench
+
+    assert env_bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["env=nope"], ["steps=abc"], ["size=3"], ["backend=vulkan"]])
+def test_render_cli_bad_options_exit_2(argv, capsys):
+    from cvpo_jax.envs import render
+
+    assert render.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err

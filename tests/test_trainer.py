@@ -25,7 +25,7 @@ LEARN = ["sweep.cost_limits=[5,1000]", "total_env_steps=6000", "eval_every_env_s
 TINY = [
     "env=speed_limit", "network.hidden=[32,32]", "cvpo.batch_size=64", "cvpo.num_particles=16",
     "num_envs=4", "chunk_env_steps=400", "warmup_env_steps=200", "cvpo.gamma=0.9", "cvpo.polyak=0.95",
-    "eval_episodes=4", "progress=false",
+    "eval_episodes=4", "progress=false", "cvpo.kl_mean_bound=0.01", "cvpo.kl_cov_bound=0.001",
 ]
 
 

@@ -69,6 +69,10 @@ class CVPOConfig:
     """Upper clip of α_μ (original code)."""
     dual_max_cov: float = 10.0
     """Upper clip of α_Σ (original code)."""
+    mstep_mean_over_particles: bool = True
+    """M-step likelihood as the original code: a mean over states and particles of q·log π, which weighs the
+    KL penalties K times more than eq. (79)'s expectation Σ_k q·log π (False). With the multipliers capped at
+    0.1 and 10, only this form keeps the policy near its trust region."""
     per_state_dual: bool = False
     """Solve one (η, λ) per state (paper Remark 4) instead of one for the batch."""
     dual_max_iter: int = 50

@@ -83,7 +83,9 @@ def make_learner(cfg: RunConfig, observation_size: int, action_size: int) -> Lea
         # The next action comes from the current policy, as in the original code; the targets from the
         # target critics.
         next_dist = apply_policy(state.params.policy, batch.next_obs)  # [B]
-        next_action = policy.sample(next_dist, key, 1)[:, 0]  # [B, A]
+        # The environment clips actions, so Q(s, a) = Q(s, clip(a)): evaluating the critics on clipped
+        # actions keeps them on the data they were trained on instead of extrapolating outside the box.
+        next_action = jnp.clip(policy.sample(next_dist, key, 1)[:, 0], -1.0, 1.0)  # [B, A]
         next_q_r = nets.reward_critic.apply(state.target_params.reward_critic, batch.next_obs, next_action)
         next_q_c = nets.cost_critic.apply(state.target_params.cost_critic, batch.next_obs, next_action)
         reward_target = critics.reward_target(batch.reward, batch.terminal, next_q_r, c.gamma)  # [B]
@@ -114,10 +116,10 @@ def make_learner(cfg: RunConfig, observation_size: int, action_size: int) -> Lea
         """Particles from the target policy, target Q values, and the dual solve (Algorithm 2, lines 8-14)."""
         old_dist = apply_policy(state.target_params.policy, batch.obs)  # [B]
         particles = policy.sample(old_dist, key, c.num_particles)  # [B, K, A]
-        obs = jnp.broadcast_to(batch.obs[:, None, :], particles.shape[:2] + batch.obs.shape[-1:])  # [B, K, O]
-        q_r_twin = nets.reward_critic.apply(state.target_params.reward_critic, obs, particles)  # [B, K, 2]
+        executed = jnp.clip(particles, -1.0, 1.0)  # what the env would run (see critic_step)
+        q_r_twin = nets.reward_critic.apply(state.target_params.reward_critic, batch.obs, executed)  # [B, K, 2]
         q_r = jnp.min(q_r_twin, axis=-1)  # [B, K]
-        q_c = nets.cost_critic.apply(state.target_params.cost_critic, obs, particles)  # [B, K]
+        q_c = nets.cost_critic.apply(state.target_params.cost_critic, batch.obs, executed)  # [B, K]
         solution = estep.solve_dual(
             q_r, q_c, cost_threshold=settings.cost_threshold, kl_bound=settings.kl_bound,
             init=(state.dual_warm_start[0], state.dual_warm_start[1]),
@@ -132,7 +134,8 @@ def make_learner(cfg: RunConfig, observation_size: int, action_size: int) -> Lea
             num_steps=c.mstep_iterations,
             kl_mean_bound=c.kl_mean_bound, kl_cov_bound=c.kl_cov_bound,
             lr_mean=c.dual_lr_mean, lr_cov=c.dual_lr_cov,
-            max_mean=c.dual_max_mean, max_cov=c.dual_max_cov, max_grad_norm=c.actor_grad_clip)
+            max_mean=c.dual_max_mean, max_cov=c.dual_max_cov, max_grad_norm=c.actor_grad_clip,
+            average_over_particles=c.mstep_mean_over_particles)
         params = state.params._replace(policy=policy_params)
         return state.replace(params=params, policy_opt_state=policy_opt_state, mstep_duals=duals), metrics
 
