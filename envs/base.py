@@ -86,7 +86,17 @@ class Config:
     solver: str = "Newton"
     iterations: int = 10
     ls_iterations: int = 5
+    tolerance: float = 1e-8
     max_geom_pairs: int = 2
+    max_contact_points: int = -1
+
+
+def robot_preset(robot: str, cvpo: bool) -> dict[str, Any]:
+    """Robot-dependent Config fields: the timestep (Safety-Gymnasium's or the CVPO paper's) and the MJX
+    contact budget."""
+    r = robots.get(robot)
+    return dict(robot=robot, timestep=r.cvpo_timestep if cvpo else r.sgym_timestep,
+                max_contact_points=r.max_contact_points)
 
 
 def check_overrides(config: Config, overrides: dict[str, Any]) -> Config:
@@ -140,7 +150,9 @@ class SafetyEnv(Env):
         c = self.config
         return mjcf.SceneSpec(
             robot=c.robot, timestep=c.timestep, iterations=c.iterations, ls_iterations=c.ls_iterations,
-            solver=c.solver, max_geom_pairs=c.max_geom_pairs, nuserdata=_UD_GREMLINS + 2 * c.num_gremlins)
+            solver=c.solver, tolerance=c.tolerance,
+            max_geom_pairs=c.max_geom_pairs, max_contact_points=c.max_contact_points,
+            nuserdata=_UD_GREMLINS + 2 * c.num_gremlins)
 
     def _layout_items(self) -> tuple[layouts.Item, ...]:
         """Objects to place, in Safety-Gymnasium's order (robot first)."""

@@ -18,8 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from . import layouts, mjcf, robots
-from .base import _UD_GOAL_BUTTON, _UD_LAST_DIST, _UD_TIMER, Config, SafetyEnv
+from . import layouts, mjcf
+from .base import _UD_GOAL_BUTTON, _UD_LAST_DIST, _UD_TIMER, Config, SafetyEnv, robot_preset
 
 # The CVPO paper's fixed layouts (its modified Safety-Gym suite).
 CVPO_BUTTON_HAZARDS = ((0.0, -1.9), (0.0, 1.9), (0.0, 0.0), (1.9, 0.0), (-1.9, 0.0))
@@ -32,8 +32,7 @@ CVPO_GOAL_BUTTONS = ((-1.1, -1.3), (1.8, -1.5), (-1.4, 0.6), (1.0, 1.3))
 
 def default_config(robot: str = "point", level: int = 1) -> Config:
     """Safety-Gymnasium ButtonLevel1/2 (re-drawn layout, SGym timestep, 1000 steps, cost limit 25)."""
-    r = robots.get(robot)
-    common = dict(robot=robot, timestep=r.sgym_timestep, episode_length=1000, cost_limit=25.0,
+    common = dict(**robot_preset(robot, cvpo=False), episode_length=1000, cost_limit=25.0,
                   goal_size=0.2, goal_keepout=0.305, num_buttons=4, button_keepout=0.2,
                   hazard_size=0.2, hazard_keepout=0.18, gremlin_travel=0.35, gremlin_keepout=0.4)
     if level == 1:
@@ -45,9 +44,8 @@ def default_config(robot: str = "point", level: int = 1) -> Config:
 
 def cvpo_button_config(robot: str = "point") -> Config:
     """The CVPO paper's "Button": fixed layout, extents +-2, 5 hazards (0.17), 4 gremlins (travel 0.3)."""
-    r = robots.get(robot)
     return Config(
-        robot=robot, timestep=r.cvpo_timestep, episode_length=400, cost_limit=10.0,
+        **robot_preset(robot, cvpo=True), episode_length=400, cost_limit=10.0,
         randomize_layout=False, extents=(-2.0, -2.0, 2.0, 2.0), goal_size=0.2, goal_placed=False,
         num_buttons=4, button_keepout=0.2, button_locations=CVPO_BUTTON_BUTTONS,
         num_hazards=5, hazard_size=0.17, hazard_keepout=0.0, hazard_locations=CVPO_BUTTON_HAZARDS,
@@ -56,9 +54,8 @@ def cvpo_button_config(robot: str = "point") -> Config:
 
 def cvpo_goal_config(robot: str = "point") -> Config:
     """The CVPO paper's "Goal": its Button2 without gremlins; the goal is pressing the goal button."""
-    r = robots.get(robot)
     return Config(
-        robot=robot, timestep=r.cvpo_timestep, episode_length=400, cost_limit=10.0,
+        **robot_preset(robot, cvpo=True), episode_length=400, cost_limit=10.0,
         randomize_layout=False, extents=(-1.8, -1.8, 1.8, 1.8), goal_size=0.2, goal_placed=False,
         num_buttons=4, button_keepout=0.2, button_locations=CVPO_GOAL_BUTTONS,
         num_hazards=11, hazard_size=0.22, hazard_keepout=0.0, hazard_locations=CVPO_GOAL_HAZARDS)

@@ -15,24 +15,23 @@ import dataclasses
 import jax.numpy as jnp
 
 from . import layouts, mjcf, robots
-from .base import Config, SafetyEnv
+from .base import Config, SafetyEnv, robot_preset
 
 
 def default_config(robot: str = "point", level: int = 1) -> Config:
     """Safety-Gymnasium CircleLevel1/2: 500 steps, cost limit 25, SGym timestep."""
     if level not in (1, 2):
         raise ValueError(f"Circle level {level} is not available; levels 1 and 2 are ported")
-    r = robots.get(robot)
     return Config(
-        robot=robot, timestep=r.sgym_timestep, episode_length=500, cost_limit=25.0, robot_keepout=0.0,
+        **robot_preset(robot, cvpo=False), episode_length=500, cost_limit=25.0, robot_keepout=0.0,
         robot_extents=(-0.8, -0.8, 0.8, 0.8), lidar_max_dist=6.0, circle_radius=1.5, wall_x=1.125,
         wall_y=1.125 if level == 2 else 0.0, goal_size=0.0)
 
 
 def cvpo_circle_config(robot: str = "point") -> Config:
     """CVPO's Circle budget (300 steps, cost limit 20, CVPO timestep) on Safety-Gymnasium's level-1 arena."""
-    r = robots.get(robot)
-    return dataclasses.replace(default_config(robot, 1), timestep=r.cvpo_timestep, episode_length=300,
+    return dataclasses.replace(default_config(robot, 1), timestep=robots.get(robot).cvpo_timestep,
+                               episode_length=300,
                                cost_limit=20.0)
 
 

@@ -11,8 +11,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from . import layouts, mjcf, robots
-from .base import _UD_LAST_DIST, Config, SafetyEnv
+from . import layouts, mjcf
+from .base import _UD_LAST_DIST, Config, SafetyEnv, robot_preset
 
 
 def default_config(robot: str = "point", level: int = 1) -> Config:
@@ -20,9 +20,8 @@ def default_config(robot: str = "point", level: int = 1) -> Config:
         # Goal2's 10 free, constrained vases are ~100x slower in MJX and their cost needs vase velocities;
         # not ported (see README).
         raise ValueError(f"Goal level {level} is not available; only level 1 is ported")
-    r = robots.get(robot)
     return Config(
-        robot=robot, timestep=r.sgym_timestep, episode_length=1000, cost_limit=25.0,
+        **robot_preset(robot, cvpo=False), episode_length=1000, cost_limit=25.0,
         extents=(-1.5, -1.5, 1.5, 1.5), goal_size=0.3, goal_keepout=0.305,
         num_hazards=8, hazard_size=0.2, hazard_keepout=0.18, num_vases=1, vase_keepout=0.15)
 

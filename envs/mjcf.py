@@ -51,8 +51,11 @@ class SceneSpec:
     solver: str = "Newton"
     iterations: int = 10
     ls_iterations: int = 5
+    tolerance: float = 1e-8  # MuJoCo's default; early exit of the solver's iterations
     # MJX broad phase: per collision-function group, only the N closest candidate pairs are tested.
     max_geom_pairs: int = 2
+    # MJX: at most N contacts per condim group enter the solver (the N deepest); -1: all.
+    max_contact_points: int = -1
     nuserdata: int = 0  # task scalars kept in mjx.Data.userdata (see base.py)
     with_sensors: bool = False  # MuJoCo C sensors (for tests); the env computes its own (envs/sensors.py)
 
@@ -136,14 +139,18 @@ def scene_xml(spec: SceneSpec) -> str:
                         f'<ballquat joint="{j}" name="ballquat_{j}"/>')
         sensors += "</sensor>"
 
-    custom = ""
+    numerics = ""
     if spec.max_geom_pairs > 0:
-        custom = f'<custom><numeric name="max_geom_pairs" data="{spec.max_geom_pairs}"/></custom>'
+        numerics += f'<numeric name="max_geom_pairs" data="{spec.max_geom_pairs}"/>'
+    if spec.max_contact_points > 0:
+        numerics += f'<numeric name="max_contact_points" data="{spec.max_contact_points}"/>'
+    custom = f"<custom>{numerics}</custom>" if numerics else ""
 
     return f"""<mujoco model="{spec.robot}_scene">
     <compiler angle="radian"/>
     <option timestep="{spec.timestep}" integrator="Euler" solver="{spec.solver}"
-            iterations="{spec.iterations}" ls_iterations="{spec.ls_iterations}"/>
+            iterations="{spec.iterations}" ls_iterations="{spec.ls_iterations}"
+          tolerance="{spec.tolerance}"/>
     <size nuserdata="{spec.nuserdata}"/>
     {custom}
     <visual><global offwidth="640" offheight="640"/></visual>
