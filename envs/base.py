@@ -47,7 +47,7 @@ class Config:
     robot_keepout: float = 0.4
     robot_extents: tuple[float, float, float, float] | None = None  # None: `extents`
     placement_tries: int = 100  # draws per object, as Safety-Gym
-    layout_tries: int = 8  # whole layouts drawn side by side; the first complete one is used
+    layout_tries: int = 10000  # whole layouts redrawn until one is complete, at most this many (Safety-Gym)
 
     goal_size: float = 0.3
     goal_keepout: float = 0.305
@@ -93,22 +93,19 @@ class Config:
 
 def robot_preset(robot: str, cvpo: bool) -> dict[str, Any]:
     """Robot-dependent Config fields: the timestep (Safety-Gymnasium's or the CVPO paper's) and the MJX
-    contact budget."""
+    solver budget (see robots.py)."""
     r = robots.get(robot)
     return dict(robot=robot, timestep=r.cvpo_timestep if cvpo else r.sgym_timestep,
-                max_contact_points=r.max_contact_points)
+                max_contact_points=r.max_contact_points, ls_iterations=r.ls_iterations)
 
 
 def check_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """`config` with `overrides` applied; unknown keys raise a ValueError naming the allowed ones."""
     allowed = [f.name for f in dataclasses.fields(Config)]
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"unknown override(s) {', '.join(unknown)}; allowed keys: {', '.join(allowed)}")
     return dataclasses.replace(config, **overrides)
-
-
-def _select(pred: jax.Array, on_true, on_false):
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 class SafetyEnv(Env):
@@ -127,10 +124,10 @@ class SafetyEnv(Env):
         self.scene = self._scene_spec()
         self.mj_model = mjcf.compile_model(self.scene)
         self.mjx_model = mjx.put_model(self.mj_model)
-        mj_data = mujoco.MjData(self.mj_model)
-        self._data0 = mjx.make_data(self.mjx_model)
-        self._qpos0 = np.array(self.mj_model.qpos0, dtype=np.float32)
-        self._mocap_z = np.array(mj_data.mocap_pos[:, 2], dtype=np.float32)  # [nmocap]
+        self._data0 = mjx.make_data(self.mjx_model)  # template every reset starts from
+        self._qpos0 = np.array(self.mj_model.qpos0, dtype=np.float32)  # [nq]
+        # Mocap bodies keep the height the MJCF gives them (resting on the floor); reset sets x, y.
+        self._mocap_z = np.array(mujoco.MjData(self.mj_model).mocap_pos[:, 2], dtype=np.float32)  # [nmocap]
         self.slices = mjcf.mocap_slices(self.scene)
         self._sensor_ids = sensors.SensorIds.from_model(self.mj_model, "robot", self.robot.ball_joints)
         self._robot_body = self.mj_model.body("robot").id
@@ -138,12 +135,15 @@ class SafetyEnv(Env):
         robot_bodies = {b for b in range(m.nbody) if m.body_rootid[b] == self._robot_body}
         self._robot_geoms = np.array(
             [g for g in range(m.ngeom) if m.geom_bodyid[g] in robot_bodies and m.geom_contype[g]], np.int32)
-        self._geom_ids = lambda prefix, n: np.array([m.geom(f"{prefix}{i}").id for i in range(n)], np.int32)
         self._obs_size = self.robot.sensor_size + config.lidar_bins * len(self.lidar_names())
         self._fixed = None
         if not config.randomize_layout:
             # Drawn once, like the CVPO setup (Safety-Gym with a constant layout seed), then reused.
             self._fixed = jax.device_get(self._sample_layout(jax.random.PRNGKey(config.layout_seed)))
+
+    def geom_ids(self, prefix: str, count: int) -> np.ndarray:
+        """Ids [count] of the geoms named prefix0, prefix1, ..."""
+        return np.array([self.mj_model.geom(f"{prefix}{i}").id for i in range(count)], np.int32)
 
     # ----- hooks for tasks -----------------------------------------------------------------------------
     def _scene_spec(self) -> mjcf.SceneSpec:
@@ -236,7 +236,7 @@ class SafetyEnv(Env):
         if c.robot_extents is not None:
             # The robot alone in its own area (Circle: nothing else is placed).
             placed, ok = layouts.sample_layout(k_place, self._layout_items()[:1], c.robot_extents,
-                                               c.placement_tries, 1)
+                                               c.placement_tries, c.layout_tries)
         else:
             placed, ok = layouts.sample_layout(k_place, self._layout_items(), c.extents, c.placement_tries,
                                                c.layout_tries)
@@ -286,22 +286,13 @@ class SafetyEnv(Env):
 
     def _physics(self, d: mjx.Data) -> mjx.Data:
         """frame_skip physics steps (mocaps moved before each, as Safety-Gym), then a forward pass so that
-        positions, contacts and sensors describe the new state (Safety-Gym calls mj_forward here too).
+        positions, contacts and sensors describe the new state (Safety-Gym calls mj_forward here too)."""
 
-        Written as frame_skip + 1 rounds of (forward, euler) with the last euler discarded, so that XLA
-        compiles one forward pass instead of two (mjx.step = forward + euler): halves the compile time for
-        the same run time.
-        """
-        n = self.config.frame_skip
+        def substep(d, _):
+            return mjx.step(self.mjx_model, self._move_mocaps(d)), None
 
-        def round_(d, i):
-            last = i == n
-            d = _select(last, d, self._move_mocaps(d))
-            d = mjx.forward(self.mjx_model, d)
-            return _select(last, d, mjx.euler(self.mjx_model, d)), None
-
-        d, _ = jax.lax.scan(round_, d, jnp.arange(n + 1))
-        return d
+        d, _ = jax.lax.scan(substep, d, None, length=self.config.frame_skip)
+        return mjx.forward(self.mjx_model, d)
 
     def robot_xy(self, d: mjx.Data) -> jax.Array:
         return d.xpos[self._robot_body, :2]

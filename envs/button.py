@@ -67,8 +67,8 @@ class ButtonEnv(SafetyEnv):
 
     def __init__(self, config: Config, name: str = ""):
         super().__init__(config, name)
-        self._button_geoms = self._geom_ids("button", config.num_buttons)
-        self._gremlin_geoms = self._geom_ids("gremlin", config.num_gremlins)
+        self._button_geoms = self.geom_ids("button", config.num_buttons)
+        self._gremlin_geoms = self.geom_ids("gremlin", config.num_gremlins)
 
     def _scene_spec(self) -> mjcf.SceneSpec:
         c = self.config

@@ -3,10 +3,9 @@
 Safety-Gym places objects one at a time (robot first), each uniform in the extents shrunk by its keepout,
 rejecting a draw closer than the sum of keepouts to any object already placed (100 draws per object; a
 layout with an object that found no spot is thrown away and redrawn, up to 10000 times). Here each
-object's 100 draws are made at once and the first valid one is kept; `layout_tries` whole layouts are drawn
-side by side (vmap) and the first complete one is used. If none is complete, the first layout is kept with
-its best draws and `ok` is False (Safety-Gym would keep retrying; with the shipped configs the chance of
-that is below 1e-6 per reset, see tests).
+object's 100 draws are made at once and the first valid one is kept (a scan over objects), and whole
+layouts are redrawn in a while-loop until one is complete: the same distribution as Safety-Gym's. If
+max_layouts attempts all fail, the last layout is kept with its best draws and `ok` is False.
 """
 
 from __future__ import annotations
@@ -90,12 +89,21 @@ def _sample_once(rng: jax.Array, items: tuple[Item, ...], extents, tries: int):
 
 
 def sample_layout(rng: jax.Array, items: tuple[Item, ...], extents, tries: int = 100,
-                  layout_tries: int = 8):
-    """Place `items` in order. Returns ({name: xy [count, 2]}, ok)."""
-    keys = jax.random.split(rng, layout_tries)
-    layouts, oks = jax.vmap(lambda k: _sample_once(k, items, extents, tries))(keys)
-    idx = jnp.argmax(oks)  # first complete layout, or 0
-    return jax.tree.map(lambda x: x[idx], layouts), oks[idx]
+                  max_layouts: int = 10000):
+    """Place `items` in order; redraw whole layouts until one is complete (at most max_layouts), like
+    Safety-Gym. Returns ({name: xy [count, 2]}, ok). Under vmap the loop runs until every env has its
+    layout; Button1 completes ~1 attempt in 20, so a batch of 1024 needs ~150 attempts (a few seconds)."""
+
+    def attempt(carry):
+        key, _, _, n = carry
+        key, sub = jax.random.split(key)
+        layout, ok = _sample_once(sub, items, extents, tries)
+        return key, layout, ok, n + 1
+
+    key, sub = jax.random.split(rng)
+    first, ok = _sample_once(sub, items, extents, tries)
+    carry = jax.lax.while_loop(lambda c: ~c[2] & (c[3] < max_layouts), attempt, (key, first, ok, 1))
+    return carry[1], carry[2]
 
 
 def resample_point(rng: jax.Array, extents, keepout: float, others_xy: jax.Array,

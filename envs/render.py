@@ -47,10 +47,12 @@ def trajectory_from_states(env, states: Sequence) -> Trajectory:
     if not isinstance(states, (list, tuple)):
         states = [states]
     ps = [s.pipeline_state for s in states]
-    xpos = np.concatenate([np.asarray(p.xpos).reshape(-1, *p.xpos.shape[-2:]) for p in ps])
-    xmat = np.concatenate([np.asarray(p.xmat).reshape(-1, *p.xmat.shape[-3:]) for p in ps])
-    mocap = np.concatenate([np.asarray(p.mocap_pos).reshape(-1, *p.mocap_pos.shape[-2:]) for p in ps])
-    ud = np.concatenate([np.asarray(p.userdata).reshape(-1, p.userdata.shape[-1]) for p in ps])
+    m = env.mj_model
+    steps = [int(np.prod(p.xpos.shape[:-2])) for p in ps]  # states held by each entry (1 if unbatched)
+    xpos = np.concatenate([np.asarray(p.xpos).reshape(n, m.nbody, 3) for p, n in zip(ps, steps)])
+    xmat = np.concatenate([np.asarray(p.xmat).reshape(n, m.nbody, 3, 3) for p, n in zip(ps, steps)])
+    mocap = np.concatenate([np.asarray(p.mocap_pos).reshape(n, m.nmocap, 3) for p, n in zip(ps, steps)])
+    ud = np.concatenate([np.asarray(p.userdata).reshape(n, m.nuserdata) for p, n in zip(ps, steps)])
     cost = np.concatenate([np.asarray(s.info["cost"]).reshape(-1) for s in states])
     reached = np.concatenate([np.asarray(s.info["goal_reached"]).reshape(-1) for s in states])
     body = env._robot_body

@@ -125,6 +125,23 @@ def test_layout_respects_keepouts_and_extents():
     assert np.std(xy[:, 0, 0]) > 0.1
 
 
+@pytest.mark.parametrize("name", ["point_goal1", "point_button1"])
+def test_level_layouts_complete(name):
+    """Button layouts complete only ~1 attempt in 20: the whole-layout redraw loop must get there."""
+    env = envs.make(name)
+    c = env.config
+    sample = jax.jit(jax.vmap(lambda k: layouts.sample_layout(k, env._layout_items(), c.extents,
+                                                              c.placement_tries, c.layout_tries)))
+    placed, ok = sample(jax.random.split(jax.random.PRNGKey(0), 64))
+    assert bool(np.all(ok))
+    items = env._layout_items()
+    xy = np.concatenate([placed[i.name] for i in items], axis=1)  # [64, n, 2]
+    keep = np.concatenate([[i.keepout] * i.count for i in items])
+    dist = np.linalg.norm(xy[:, :, None] - xy[:, None], axis=-1)
+    off_diag = ~np.eye(len(keep), dtype=bool)
+    assert np.all(dist[:, off_diag] >= (keep[:, None] + keep[None, :])[off_diag] - 1e-6)
+
+
 def test_layout_fixed_locations_are_kept():
     items = (layouts.Item("robot", 1, 0.4), layouts.Item("buttons", 2, 0.2, ((1.0, 1.0), (-1.0, 1.0))))
     placed, ok = layouts.sample_layout(jax.random.PRNGKey(3), items, (-2, -2, 2, 2))

@@ -6,7 +6,7 @@ replay + updates at the configured ratio), and the same for several `num_seeds` 
 The phase timings run on replay batches of Gaussian noise (their cost does not depend on the data, except
 the E-step's iteration count, which is reported); the loop timing runs the real task.
 
-Options (key=value): seeds=1,4,16  repeats=5  chunk_env_steps=400  json=PATH, and any run option
+Options (key=value): seeds=1,4,16  repeats=5  chunk_env_steps=160  json=PATH, and any run option
 (e.g. env=point_goal cvpo.num_particles=64).
 """
 
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
         if not run_args or not any(a.startswith("env=") for a in run_args):
             run_args = ["env=point_goal"] + run_args
         if not any(a.startswith("chunk_env_steps=") for a in run_args):
-            run_args.append("chunk_env_steps=400")
+            run_args.append("chunk_env_steps=160")
         from cvpo_jax import envs
 
         load_config(run_args, envs.names())  # validate before compiling anything
