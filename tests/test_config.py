@@ -40,12 +40,16 @@ def test_env_preset_then_user_override():
     ("network.covariance=weird", ["network.covariance", "full, diag"]),
     ("cvpo.gamma=1.5", ["cvpo.gamma", "(0, 1)"]),
     ("sweep.cost_limits=[5,-1]", ["sweep.cost_limits", ">= 0"]),
-    ("replay_capacity=10", ["replay_capacity", "batch size"]),
+    ("replay_capacity=10", ["replay_capacity", "cvpo.batch_size"]),
+    ("algo=sac_lag replay_capacity=100", ["replay_capacity", "offpolicy.batch_size"]),
+    ("algo=sacc_lag", ["algo", "sac_lag"]),
+    ("lagrange.kp=-1", ["lagrange.kp", ">= 0"]),
+    ("onpolicy.gae_lambda=2", ["onpolicy.gae_lambda", "[0, 1]"]),
     ("novalue", ["key=value"]),
 ])
 def test_bad_values_give_one_line_errors(arg, words):
     with pytest.raises(ConfigError) as info:
-        load_config([arg], NAMES)
+        load_config(arg.split(), NAMES)
     message = str(info.value)
     assert "\n" not in message
     for word in words:

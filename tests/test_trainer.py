@@ -48,7 +48,8 @@ def _rows(run_dir: str) -> list[dict]:
 def _final_params(run_dir: str):
     cfg = run.resolve([f"resume={run_dir}"])
     from cvpo_jax import envs
-    from cvpo_jax.trainer import make_trainer, member_keys
+    from cvpo_jax.algorithms import make_trainer
+    from cvpo_jax.trainer import member_keys
 
     trainer = make_trainer(cfg, envs.make(cfg.env), cfg.episode_length)
     like = jax.eval_shape(trainer.init, member_keys(cfg))

@@ -80,6 +80,110 @@ class CVPOConfig:
 
 
 @dataclass
+class LagrangeConfig:
+    """PID Lagrange multiplier (Stooke et al. 2020) of the Lagrangian baselines (sac_lag, td3_lag, ddpg_lag,
+    ppo_lag, trpo_lag): λ = max(0, Kp·e + Ki·Σe + Kd·max(0, e − e_prev)) with e = episodic cost − limit,
+    updated once per batch of finished episodes. Kp = Kd = 0 is plain gradient ascent on λ with step Ki."""
+
+    kp: float = 0.05
+    """Proportional gain."""
+    ki: float = 0.01
+    """Integral gain (the integral is kept non-negative)."""
+    kd: float = 0.05
+    """Derivative gain on the cost rising (only increases count, as Stooke et al.)."""
+    initial: float = 0.0
+    """λ before the first finished episodes."""
+    max_multiplier: float = 100.0
+    """Upper clip of λ."""
+
+
+@dataclass
+class OffPolicyConfig:
+    """The off-policy Lagrangian baselines sac_lag, td3_lag, ddpg_lag (critics, replay and acting as CVPO)."""
+
+    gamma: float = 0.99
+    """Discount factor."""
+    polyak: float = 0.995
+    """Target-network averaging weight."""
+    batch_size: int = 300
+    """Replay transitions per update."""
+    actor_lr: float = 1e-3
+    """Adam learning rate of the policy."""
+    critic_lr: float = 1e-3
+    """Adam learning rate of the reward and cost critics."""
+    sac_initial_alpha: float = 0.1
+    """SAC's entropy temperature at the start; tuned towards `sac_target_entropy`."""
+    sac_target_entropy: Optional[float] = None
+    """SAC's target policy entropy; None is −(action size)."""
+    sac_alpha_lr: float = 3e-4
+    """Adam learning rate of log α."""
+    exploration_noise: float = 0.1
+    """TD3/DDPG: std of the Gaussian noise added to the deterministic action while acting."""
+    target_noise: float = 0.2
+    """TD3: std of the target-policy smoothing noise."""
+    target_noise_clip: float = 0.5
+    """TD3: clip of the target-policy smoothing noise."""
+    policy_delay: int = 2
+    """TD3: critic updates per policy update."""
+
+
+@dataclass
+class OnPolicyConfig:
+    """The on-policy methods ppo_lag, trpo_lag, cpo, trpo and csc: rollouts, GAE, value fits, policy step."""
+
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.97
+    """GAE λ for the reward and the cost advantages."""
+    rollout_length: Optional[int] = None
+    """Steps per environment between policy updates; None is one episode (keeps the envs in lock-step)."""
+    value_lr: float = 1e-3
+    """Adam learning rate of the reward and cost value networks."""
+    value_epochs: int = 10
+    """Passes over the rollout fitting the value networks."""
+    num_minibatches: int = 8
+    """Minibatches per pass (PPO policy and value fits)."""
+    actor_lr: float = 3e-4
+    """PPO: Adam learning rate of the policy."""
+    ppo_epochs: int = 10
+    """PPO: passes over the rollout per update."""
+    ppo_clip: float = 0.2
+    """PPO: ratio clip."""
+    target_kl: float = 0.01
+    """δ: KL trust region of TRPO/CPO/CSC steps; PPO stops its epochs early at 1.5·δ."""
+    cg_iterations: int = 10
+    """Conjugate-gradient iterations for F⁻¹g."""
+    cg_damping: float = 0.1
+    """Damping added to the Fisher-vector product."""
+    line_search_steps: int = 10
+    """Backtracking line-search steps."""
+    backtrack_coeff: float = 0.8
+    """Step shrink factor per line-search step."""
+    entropy_coef: float = 0.0
+    """Entropy bonus of the policy objective."""
+
+
+@dataclass
+class CSCConfig:
+    """Conservative Safety Critics (Bharadhwaj et al. 2021) settings (paper A.6 where given)."""
+
+    cql_alpha: float = 0.5
+    """α of CQL(ζ) with the sign reversed, so Q_C over-estimates."""
+    safety_critic_lr: float = 2e-4
+    """η_Q: Adam learning rate of the safety critic."""
+    lambda_lr: float = 4e-2
+    """η_λ: learning rate of the multiplier (eq. 9)."""
+    critic_updates: int = 32
+    """N: safety-critic gradient steps per epoch (one rollout), on replay minibatches."""
+    batch_size: int = 256
+    """Replay minibatch size for the safety critic."""
+    max_resamples: int = 100
+    """Cap on rejection-sampling draws per action while acting (paper A.4: 100)."""
+    polyak: float = 0.995
+    """Target safety-critic averaging weight."""
+
+
+@dataclass
 class SweepConfig:
     """Scalar settings that vary across the vmapped member axis (crossed with the seeds)."""
 
@@ -94,7 +198,8 @@ class RunConfig:
     env: str = "point_goal"
     """Task name; see cvpo_jax.envs.names()."""
     algo: str = "cvpo"
-    """Training algorithm."""
+    """Training algorithm: cvpo; off-policy sac_lag, td3_lag, ddpg_lag; on-policy ppo_lag, trpo_lag, cpo,
+    trpo; csc (Conservative Safety Critics)."""
     seed: int = 0
     """Base random seed; member i of the sweep uses seed + i."""
     num_seeds: int = 1
@@ -135,10 +240,16 @@ class RunConfig:
     """Show a progress bar."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
     cvpo: CVPOConfig = field(default_factory=CVPOConfig)
+    lagrange: LagrangeConfig = field(default_factory=LagrangeConfig)
+    offpolicy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    csc: CSCConfig = field(default_factory=CSCConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
-ALGORITHMS = ("cvpo",)
+OFF_POLICY_ALGORITHMS = ("cvpo", "sac_lag", "td3_lag", "ddpg_lag")
+ON_POLICY_ALGORITHMS = ("ppo_lag", "trpo_lag", "cpo", "trpo", "csc")
+ALGORITHMS = OFF_POLICY_ALGORITHMS + ON_POLICY_ALGORITHMS
 
 # Per-task presets beyond the episode length and cost limit (which the tasks carry themselves). The CVPO
 # authors' Car-Circle settings (reference spec): more particles and M-step iterations, higher learning rates.
@@ -231,8 +342,11 @@ def validate(cfg: RunConfig, env_names: Sequence[str]) -> None:
     _check(cfg.updates_per_iteration >= 0, "updates_per_iteration", cfg.updates_per_iteration, "must be >= 0")
     _check(cfg.chunk_env_steps >= cfg.num_envs, "chunk_env_steps", cfg.chunk_env_steps,
            f"must be >= num_envs ({cfg.num_envs}): a chunk steps every environment at least once")
-    _check(cfg.replay_capacity >= max(c.batch_size, cfg.num_envs), "replay_capacity", cfg.replay_capacity,
-           f"must be >= batch size ({c.batch_size}) and num_envs ({cfg.num_envs})")
+    _check(cfg.replay_capacity >= cfg.num_envs, "replay_capacity", cfg.replay_capacity,
+           f"must be >= num_envs ({cfg.num_envs})")
+    if cfg.algo == "cvpo":
+        _check(cfg.replay_capacity >= c.batch_size, "replay_capacity", cfg.replay_capacity,
+               f"must be >= cvpo.batch_size ({c.batch_size})")
     _check(cfg.eval_every_env_steps >= 1, "eval_every_env_steps", cfg.eval_every_env_steps, "must be >= 1")
     _check(cfg.eval_episodes >= 1, "eval_episodes", cfg.eval_episodes, "must be >= 1")
     _check(cfg.checkpoint_every_env_steps >= 1, "checkpoint_every_env_steps", cfg.checkpoint_every_env_steps,
@@ -251,6 +365,45 @@ def validate(cfg: RunConfig, env_names: Sequence[str]) -> None:
         value = getattr(c, name)
         _check(value > 0, f"cvpo.{name}", value, "must be > 0")
     _check(c.dual_max_iter >= 1, "cvpo.dual_max_iter", c.dual_max_iter, "must be >= 1")
+    _validate_baselines(cfg)
+
+
+def _validate_baselines(cfg: RunConfig) -> None:
+    lag, off, on, csc = cfg.lagrange, cfg.offpolicy, cfg.onpolicy, cfg.csc
+    for name in ("kp", "ki", "kd", "initial"):
+        _check(getattr(lag, name) >= 0, f"lagrange.{name}", getattr(lag, name), "must be >= 0")
+    _check(lag.max_multiplier > 0, "lagrange.max_multiplier", lag.max_multiplier, "must be > 0")
+    for section, name in (("offpolicy", off), ("onpolicy", on)):
+        _check(0.0 < name.gamma < 1.0, f"{section}.gamma", name.gamma, "must be in (0, 1)")
+    _check(0.0 <= off.polyak < 1.0, "offpolicy.polyak", off.polyak, "must be in [0, 1)")
+    _check(off.batch_size >= 1, "offpolicy.batch_size", off.batch_size, "must be >= 1")
+    for name in ("actor_lr", "critic_lr", "sac_initial_alpha", "sac_alpha_lr"):
+        _check(getattr(off, name) > 0, f"offpolicy.{name}", getattr(off, name), "must be > 0")
+    for name in ("exploration_noise", "target_noise", "target_noise_clip"):
+        _check(getattr(off, name) >= 0, f"offpolicy.{name}", getattr(off, name), "must be >= 0")
+    _check(off.policy_delay >= 1, "offpolicy.policy_delay", off.policy_delay, "must be >= 1")
+    _check(0.0 <= on.gae_lambda <= 1.0, "onpolicy.gae_lambda", on.gae_lambda, "must be in [0, 1]")
+    _check(on.rollout_length is None or on.rollout_length >= 1, "onpolicy.rollout_length", on.rollout_length,
+           "must be >= 1 (or null: one episode)")
+    for name in ("value_lr", "actor_lr", "ppo_clip", "target_kl", "backtrack_coeff"):
+        _check(getattr(on, name) > 0, f"onpolicy.{name}", getattr(on, name), "must be > 0")
+    _check(on.backtrack_coeff < 1, "onpolicy.backtrack_coeff", on.backtrack_coeff, "must be < 1")
+    _check(on.cg_damping >= 0, "onpolicy.cg_damping", on.cg_damping, "must be >= 0")
+    _check(on.entropy_coef >= 0, "onpolicy.entropy_coef", on.entropy_coef, "must be >= 0")
+    for name in ("value_epochs", "num_minibatches", "ppo_epochs", "cg_iterations", "line_search_steps"):
+        _check(getattr(on, name) >= 1, f"onpolicy.{name}", getattr(on, name), "must be >= 1")
+    _check(csc.cql_alpha >= 0, "csc.cql_alpha", csc.cql_alpha, "must be >= 0")
+    for name in ("safety_critic_lr", "lambda_lr"):
+        _check(getattr(csc, name) > 0, f"csc.{name}", getattr(csc, name), "must be > 0")
+    for name in ("critic_updates", "batch_size", "max_resamples"):
+        _check(getattr(csc, name) >= 1, f"csc.{name}", getattr(csc, name), "must be >= 1")
+    _check(0.0 <= csc.polyak < 1.0, "csc.polyak", csc.polyak, "must be in [0, 1)")
+    if cfg.algo in ("sac_lag", "td3_lag", "ddpg_lag"):
+        _check(cfg.replay_capacity >= off.batch_size, "replay_capacity", cfg.replay_capacity,
+               f"must be >= offpolicy.batch_size ({off.batch_size})")
+    if cfg.algo == "csc":
+        _check(cfg.replay_capacity >= csc.batch_size, "replay_capacity", cfg.replay_capacity,
+               f"must be >= csc.batch_size ({csc.batch_size})")
 
 
 def load_config(argv: Sequence[str], env_names: Sequence[str], *, base: Optional[RunConfig] = None) -> RunConfig:

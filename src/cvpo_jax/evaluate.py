@@ -99,7 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from cvpo_jax import checkpoint, envs
     from cvpo_jax.config import from_yaml_file
-    from cvpo_jax.trainer import eval_keys, make_trainer, member_keys
+    from cvpo_jax.algorithms import make_trainer
+    from cvpo_jax.trainer import eval_keys, member_keys
 
     cfg = dataclasses.replace(from_yaml_file(os.path.join(run_dir, "config.yaml")), eval_episodes=episodes)
     iteration = checkpoint.latest_iteration(run_dir)

@@ -7,7 +7,7 @@ one so the benchmark can time them apart.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +20,14 @@ from cvpo_jax.replay import Transition
 
 
 class MemberSettings(NamedTuple):
-    """Scalar settings that may differ between the members of a vmapped sweep (all traced, no recompile)."""
+    """Scalar settings that may differ between the members of a vmapped sweep (all traced, no recompile).
+
+    Every algorithm gets the same settings and reads what it needs.
+    """
 
     cost_threshold: jax.Array  # ε1: per-state threshold on Q_c derived from the episodic cost limit
     kl_bound: jax.Array  # ε: E-step KL bound
+    cost_limit: jax.Array  # the episodic cost limit itself (Lagrangian baselines, CSC)
 
 
 @struct.dataclass
@@ -39,13 +43,19 @@ class LearnerState:
 
 
 class Learner(NamedTuple):
+    """An off-policy learner as the replay trainer drives it; CVPO and the off-policy baselines fill it."""
+
     init: Callable[[jax.Array], LearnerState]
     update: Callable  # (state, batch, settings, key) -> (state, metrics)
-    critic_step: Callable  # (state, batch, key) -> (state, metrics)
-    estep_step: Callable  # (state, batch, settings, key) -> (obs, particles, old_dist, solution)
-    mstep_step: Callable  # (state, obs, particles, weights, old_dist) -> (state, metrics)
-    act: Callable  # (params, obs, key, deterministic) -> action
-    networks: networks.Networks
+    act: Callable  # (params, obs, key, deterministic) -> action [N, A] inside the action box
+    batch_size: int  # replay transitions per update
+    networks: object
+    # (state, mean episodic cost [], settings) -> state; called when a batch of episodes has ended (PID λ).
+    observe_episodes: Optional[Callable] = None
+    # CVPO's phases, timed apart by the train benchmark.
+    critic_step: Optional[Callable] = None  # (state, batch, key) -> (state, metrics)
+    estep_step: Optional[Callable] = None  # (state, batch, settings, key) -> (old_dist, particles, q_r, q_c, sol)
+    mstep_step: Optional[Callable] = None  # (state, obs, particles, weights, old_dist) -> (state, metrics)
 
 
 # NaN asks solve_dual for its scale-aware first start (λ = 0, η from the spread of Q_r) instead of the
@@ -170,5 +180,5 @@ def make_learner(cfg: RunConfig, observation_size: int, action_size: int) -> Lea
         action = dist.mean if deterministic else policy.sample(dist, key, 1)[:, 0]
         return jnp.clip(action, -1.0, 1.0)
 
-    return Learner(init=init, update=update, critic_step=critic_step, estep_step=estep_step,
-                   mstep_step=mstep_step, act=act, networks=nets)
+    return Learner(init=init, update=update, act=act, batch_size=c.batch_size, networks=nets,
+                   critic_step=critic_step, estep_step=estep_step, mstep_step=mstep_step)

@@ -76,7 +76,8 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
 
     from cvpo_jax import checkpoint, envs, plots
     from cvpo_jax.metrics_log import MetricsLog
-    from cvpo_jax.trainer import eval_keys, make_trainer, member_keys, member_settings, to_host
+    from cvpo_jax.algorithms import make_trainer
+    from cvpo_jax.trainer import eval_keys, member_keys, member_settings, to_host
 
     run_dir = run_dir or _run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)

@@ -13,7 +13,7 @@ episode clock is a plain (unbatched) iteration counter, and resets and the warm-
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,8 @@ def member_settings(cfg: RunConfig, episode_length: int) -> MemberSettings:
     thresholds = [cost_threshold_from_episode_limit(limit, episode_length, cfg.cvpo.gamma) for limit in limits]
     n = len(limits)
     return MemberSettings(cost_threshold=jnp.asarray(thresholds, jnp.float32),
-                          kl_bound=jnp.full((n,), cfg.cvpo.kl_bound, jnp.float32))
+                          kl_bound=jnp.full((n,), cfg.cvpo.kl_bound, jnp.float32),
+                          cost_limit=jnp.asarray(limits, jnp.float32))
 
 
 def member_seeds(cfg: RunConfig) -> list[int]:
@@ -92,12 +93,46 @@ class Trainer(NamedTuple):
     env: Env
 
 
-def make_trainer(cfg: RunConfig, env: Env, episode_length: int) -> Trainer:
+def make_evaluate(env: Env, episode_length: int, num_episodes: int, act: Callable) -> Callable:
+    """One member's evaluation: `num_episodes` parallel episodes with the policy mean (deterministic act).
+
+    Returns evaluate(params, key) -> episodic reward, cost and cost rate; the trainers vmap it.
+    """
+    eval_env = EpisodeWrapper(VmapWrapper(env), episode_length, 1)
+
+    def evaluate(params, key: jax.Array):
+        env_state = eval_env.reset(jax.random.split(key, num_episodes))
+
+        def step(env_state, _):
+            action = act(params, env_state.obs, key, deterministic=True)
+            env_state = eval_env.step(env_state, action)
+            return env_state, (env_state.reward, env_state.info["cost"])
+
+        _, (rewards, costs) = jax.lax.scan(step, env_state, None, length=episode_length)  # [T, E]
+        episode_reward, episode_cost = jnp.sum(rewards, 0), jnp.sum(costs, 0)  # [E]
+        return {
+            "eval/episode_reward": jnp.mean(episode_reward),
+            "eval/episode_cost": jnp.mean(episode_cost),
+            "eval/cost_rate": jnp.mean(episode_cost) / episode_length,
+            "eval/episode_reward_std": jnp.std(episode_reward),
+        }
+
+    return evaluate
+
+
+def nonfinite_flag(*trees) -> jax.Array:
+    """True if any leaf of the trees holds a NaN or an infinity (the run stops before checkpointing it)."""
+    leaves = [x for tree in trees for x in jax.tree.leaves(tree)]
+    return jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+
+
+def make_trainer(cfg: RunConfig, env: Env, episode_length: int, learner: Optional[Learner] = None) -> Trainer:
+    """The replay trainer of the off-policy methods; `learner` defaults to CVPO's."""
     schedule = make_schedule(cfg, episode_length)
-    learner = make_learner(cfg, env.observation_size, env.action_size)
+    if learner is None:
+        learner = make_learner(cfg, env.observation_size, env.action_size)
     num_envs, action_size = cfg.num_envs, env.action_size
     train_env = EpisodeWrapper(VmapWrapper(env), episode_length, 1)
-    eval_env = EpisodeWrapper(VmapWrapper(env), episode_length, 1)
     capacity = replay.rounded_capacity(cfg.replay_capacity, num_envs)
 
     def init(key: jax.Array) -> TrainState:
@@ -109,7 +144,7 @@ def make_trainer(cfg: RunConfig, env: Env, episode_length: int) -> Trainer:
         return TrainState(learner=learner.init(learner_key), replay=replay.init(example, capacity),
                           env_state=env_state, key=key)
 
-    def env_iteration(state: TrainState, iteration: jax.Array):
+    def env_iteration(state: TrainState, iteration: jax.Array, settings: MemberSettings):
         """Act in every env (uniform random during warm-up), store the transitions, reset finished envs."""
         key, act_key, reset_key = jax.random.split(state.key, 3)
         obs = state.env_state.obs  # [E, O]
@@ -139,13 +174,19 @@ def make_trainer(cfg: RunConfig, env: Env, episode_length: int) -> Trainer:
             lambda: _select(done, train_env.reset(jax.random.split(reset_key, num_envs)), stepped),
             lambda: stepped,
         )
-        return state.replace(replay=replay.insert(state.replay, transition), env_state=env_state, key=key), finished
+        learner_state = state.learner
+        if learner.observe_episodes is not None:  # e.g. the PID multiplier of the Lagrangian baselines
+            mean_cost = finished["episode_cost"] / jnp.maximum(finished["episodes"], 1)
+            learner_state = jax.lax.cond(
+                episode_over, lambda s: learner.observe_episodes(s, mean_cost, settings), lambda s: s, learner_state)
+        return state.replace(learner=learner_state, replay=replay.insert(state.replay, transition),
+                             env_state=env_state, key=key), finished
 
     def learn(state: TrainState, settings: MemberSettings):
         def one_update(carry, _):
             learner_state, key = carry
             key, sample_key, update_key = jax.random.split(key, 3)
-            batch = replay.sample(state.replay, sample_key, cfg.cvpo.batch_size)
+            batch = replay.sample(state.replay, sample_key, learner.batch_size)
             learner_state, metrics = learner.update(learner_state, batch, settings, update_key)
             return (learner_state, key), metrics
 
@@ -164,7 +205,7 @@ def make_trainer(cfg: RunConfig, env: Env, episode_length: int) -> Trainer:
 
         def iteration_body(state, offset):
             iteration = first_iteration + offset
-            state, finished = env_iteration(state, iteration)
+            state, finished = env_iteration(state, iteration, settings)
             learning = (iteration >= schedule.warmup_iterations) & (cfg.updates_per_iteration > 0)
             state, update_metrics = jax.lax.cond(
                 learning, lambda s: learn(s, settings), lambda s: (s, no_update), state)
@@ -180,27 +221,10 @@ def make_trainer(cfg: RunConfig, env: Env, episode_length: int) -> Trainer:
             for k, v in update_metrics.items()
         })
         # Non-finite values anywhere in the learner stop the run before they are checkpointed.
-        leaves = jax.tree.leaves(state.learner.params) + jax.tree.leaves(update_metrics)
-        metrics["nonfinite"] = jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+        metrics["nonfinite"] = nonfinite_flag(state.learner.params, update_metrics)
         return state, metrics
 
-    def evaluate(params, key: jax.Array):
-        """`eval_episodes` episodes in parallel with the policy mean: episodic reward, cost and cost rate."""
-        env_state = eval_env.reset(jax.random.split(key, cfg.eval_episodes))
-
-        def step(env_state, _):
-            action = learner.act(params, env_state.obs, key, deterministic=True)
-            env_state = eval_env.step(env_state, action)
-            return env_state, (env_state.reward, env_state.info["cost"])
-
-        _, (rewards, costs) = jax.lax.scan(step, env_state, None, length=episode_length)  # [T, E]
-        episode_reward, episode_cost = jnp.sum(rewards, 0), jnp.sum(costs, 0)  # [E]
-        return {
-            "eval/episode_reward": jnp.mean(episode_reward),
-            "eval/episode_cost": jnp.mean(episode_cost),
-            "eval/cost_rate": jnp.mean(episode_cost) / episode_length,
-            "eval/episode_reward_std": jnp.std(episode_reward),
-        }
+    evaluate = make_evaluate(env, episode_length, cfg.eval_episodes, learner.act)
 
     return Trainer(
         init=jax.jit(jax.vmap(init)),
