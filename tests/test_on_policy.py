@@ -243,7 +243,19 @@ def _train(algo: str, out_dir) -> dict:
     first, last = rows[0], rows[-1]
     assert int(first["env_steps"]) == 0 and int(last["env_steps"]) == 12000
     return {"first": {k: float(v) for k, v in first.items() if v != ""},
-            "last": {k: float(v) for k, v in last.items() if v != ""}}
+            "last": {k: float(v) for k, v in last.items() if v != ""},
+            "dir": os.path.join(out_dir, algo)}
+
+
+def _final_params(run_dir: str):
+    from cvpo_jax import checkpoint, envs
+    from cvpo_jax.algorithms import make_trainer
+    from cvpo_jax.trainer import member_keys
+
+    cfg = run.resolve([f"resume={run_dir}"])
+    trainer = make_trainer(cfg, envs.make(cfg.env), cfg.episode_length)
+    like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(trainer.init, member_keys(cfg)))
+    return checkpoint.restore(run_dir, checkpoint.latest_iteration(run_dir), like).learner.params
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +285,19 @@ def test_constrained_method_trades_reward_for_cost(algo, trpo_run, tmp_path):
         assert last["lagrange/lambda"] > 0.0  # the PID multiplier is what holds the cost down
     else:
         assert last["cpo/case"] <= 2.0  # the cost constraint was active in CPO's steps
+
+
+def test_resumed_run_matches_the_uninterrupted_one(trpo_run, tmp_path, capsys):
+    """Half the steps, then a resume to the full length: the same parameters bit for bit, since the whole
+    state (learner, environments, key) is checkpointed; then the evaluation command reads the run."""
+    from cvpo_jax import evaluate
+
+    args = LEARN + ["algo=trpo", f"out_dir={tmp_path}", "run_name=halves", "total_env_steps=6000"]
+    assert run.main(args) == 0
+    assert run.main([f"resume={tmp_path / 'halves'}", "total_env_steps=12000"]) == 0
+    for a, b in zip(jax.tree.leaves(_final_params(str(tmp_path / "halves"))),
+                    jax.tree.leaves(_final_params(trpo_run["dir"]))):
+        np.testing.assert_array_equal(a, b)
+    capsys.readouterr()
+    assert evaluate.main([f"run={trpo_run['dir']}", "episodes=2", f"picture={tmp_path / 'rollout.png'}"]) == 0
+    assert "trpo on speed_limit" in capsys.readouterr().out
