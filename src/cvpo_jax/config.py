@@ -179,6 +179,8 @@ class CSCConfig:
     """Replay minibatch size for the safety critic."""
     max_resamples: int = 100
     """Cap on rejection-sampling draws per action while acting (paper A.4: 100)."""
+    num_particles: int = 16
+    """Draws from π per state estimating E_{a~π}Q_C (CQL(ζ) term, baseline of Â_C, policy cost term)."""
     polyak: float = 0.995
     """Target safety-critic averaging weight."""
 
@@ -395,7 +397,7 @@ def _validate_baselines(cfg: RunConfig) -> None:
     _check(csc.cql_alpha >= 0, "csc.cql_alpha", csc.cql_alpha, "must be >= 0")
     for name in ("safety_critic_lr", "lambda_lr"):
         _check(getattr(csc, name) > 0, f"csc.{name}", getattr(csc, name), "must be > 0")
-    for name in ("critic_updates", "batch_size", "max_resamples"):
+    for name in ("critic_updates", "batch_size", "max_resamples", "num_particles"):
         _check(getattr(csc, name) >= 1, f"csc.{name}", getattr(csc, name), "must be >= 1")
     _check(0.0 <= csc.polyak < 1.0, "csc.polyak", csc.polyak, "must be in [0, 1)")
     if cfg.algo in ("sac_lag", "td3_lag", "ddpg_lag"):

@@ -1,0 +1,466 @@
+"""Conservative Safety Critics (CSC; Bharadhwaj, Kumar, Rhinehart, Levine, Garg, Shkurti, ICLR 2021).
+
+One epoch of Algorithm 1 is one rollout of the rollout trainer (`rollout_trainer.py`):
+
+* acting (`explore`, Algorithm 1 lines 5-6): draw a ~ π_old(s) and execute it iff Q_C(s, a) ≤ ε with
+  ε = (1 − γ)(χ − V̂_C); otherwise draw again, at most `csc.max_resamples` draws (paper A.4: 100);
+* `update` on the rollout: insert it into the replay buffer D_env (kept in the learner state), record the
+  observed episodic cost V̂_C (line 10), take `csc.critic_updates` steps of CQL(ζ) on D_env (eq. 2, line 13),
+  fit the reward value V_r on GAE λ-returns, take one natural-gradient policy step with backtracking
+  (eqs. 7-8, line 12), then one step of the multiplier λ (eq. 9, line 14).
+
+Design decisions (the paper's setting is a binary failure indicator that ends the episode; ours is a
+per-step cost indicator with an episodic limit):
+
+Units of χ and V̂_C. Q_C is a discounted cost-to-go (target y = c + γ Q'_C(s', a' ~ π(s'))). Both χ and V̂_C are
+put in the same per-state units with the conversion of `estep.cost_threshold_from_episode_limit`: an episodic
+cost C spread evenly over the T steps of an episode is worth C·(1 − γ^T)/(T(1 − γ)) per state. So
+χ = that of the episodic limit (`settings.cost_limit`, with the on-policy γ and T = `cfg.episode_length`), and
+V̂_C = that of the mean episodic cost of the training episodes that ended in the last rollout (the paper's
+"average episodic failures in the previous epoch"; kept when none ended; V̂_C = χ before the first episodes,
+Algorithm 1 line 2). Then ε = (1 − γ)(χ − V̂_C) exactly as Algorithm 1 line 5, in Q_C units.
+
+All draws rejected. The draws are i.i.d., so the `max_resamples` draws are taken at once and the executed one
+is the first with Q_C ≤ ε, which is what the sequential loop of line 6 would execute. When none passes (the
+paper only says it stops after 100; A.4), the draw with the lowest Q_C is executed: the safest action the
+critic knows among those tried, rather than the last, arbitrary one. ε is small by construction ((1 − γ) times
+a per-state value) and negative once the observed cost exceeds the limit, so the fallback is common early on
+and whenever the training cost is over the limit; `csc/all_rejected` reports how often.
+
+Cost advantage and the policy step (eqs. 5, 7-8). Â_C(s, a) = Q_C(s, a) − E_{a'~π_old}Q_C(s, a'), the
+advantage under the over-estimating critic, the expectation over `csc.num_particles` draws. The objective of
+eq. 43 is E_s E_{a~π_old}[ratio·(A_R − λ′Â_C)] with λ′ = λ/(1 − γ). A_R exists only at the executed actions
+(GAE(γ, λ) on the rewards with V_r, centred over the rollout but not scaled, so that λ′ keeps its meaning).
+The Â_C term is an expectation over a ~ π_old too, and with a learned Q_C it is taken over fresh draws from
+π_old at the rollout states, not over the executed actions: those passed the rejection filter, so they would
+hide exactly the unsafe part of π from the gradient. The step is F⁻¹g scaled so ½xᵀFx = δ (eq. 7), then
+backtracking by `onpolicy.backtrack_coeff` for `onpolicy.line_search_steps` candidates, accepting the first with mean
+KL(old ‖ new) ≤ δ and an improved surrogate (A.2: otherwise φ ← φ_old).
+
+The multiplier (eq. 9). The constraint of eqs. 4-5 is V_C^{π_old}(μ) + (1/(1−γ))·E_{s~ρ_old, a~π}[Â_C] ≤ χ,
+on the cost of the *policy*. The observed episodes measure the filtered behaviour instead, which the
+rejection rule keeps cheap whatever π does (with ε this small the executed action is mostly the lowest-Q_C
+draw), so a λ driven by them stays at zero while π itself drifts over the limit. So the λ step takes
+V̂_C^{π_old} = mean over the rollout states of E_{a~π_old}Q_C(s, a): the conservative critic's (over-)estimate
+of the policy's own per-state cost, comparable with χ. The advantage term is evaluated at the policy after
+this epoch's step (Algorithm 1 runs line 14 after line 12; at a ~ π_old it would be zero by construction):
+E_{a~π_new}[Â_C] = mean over the K draws of ratio·Â_C. The update is projected gradient descent on eq. 5's
+Lagrangian in λ:
+
+    λ ← max(0, λ + η_λ·((1/(1 − γ))·E[Â_C] − χ′)),   χ′ = χ − V̂_C^{π_old}.
+
+Eq. 9 as printed, λ ← λ − η_λ((1/(1−γ))E[Â_C] − χ′), has the bracket's sign reversed with respect to eq. 5
+(it would lower λ when the estimated cost is over the limit, χ′ < 0); descending −λ(V̂_C + … − χ) raises it.
+The observed V̂_C is still what sets the acting threshold ε, as line 5 says: it is the exploration budget.
+
+Conservatism compounds. CQL(ζ) lifts Q_C by about α(π/μ − 1) where π puts more mass than the data, and the
+Bellman target bootstraps from π's actions, so the lift is carried forward ~1/(1 − γ) times; with the filter
+executing the tail of π that the critic deems safest, π/μ is large. E_π Q_C then sits above π's true cost
+and λ keeps rising slowly while it does (a safer, less rewarding policy than the constraint asks for). A
+smaller α (the paper found 0.05, 0.5 and 5 alike) keeps the lift small; the speed_limit test uses 0.05.
+
+Failures per episode. `csc/failures_per_episode` counts cost events (steps with cost > 0) per training
+episode that ended in the rollout, the paper's V̂_C in our units; `csc/failed_episodes` is the fraction of
+those episodes with at least one cost event. Both keep their last value when no episode ended.
+
+Shape legend: T = rollout length, E = environments, N = T·E, K = particles, M = max_resamples, B = critic
+batch, O = observation size, A = action size, P = flat policy parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.flatten_util import ravel_pytree
+
+from cvpo_jax import critics, replay
+from cvpo_jax import policy as gaussian
+from cvpo_jax.baselines import natural_gradient as ng
+from cvpo_jax.baselines.advantages import gae
+from cvpo_jax.baselines.rollout_trainer import OnPolicyLearner, Rollout
+from cvpo_jax.config import RunConfig
+from cvpo_jax.estep import cost_threshold_from_episode_limit
+from cvpo_jax.learner import MemberSettings
+from cvpo_jax.networks import MLP, GaussianPolicyNet, SingleQ
+
+_EPS = 1e-8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure pieces (tested on their own in tests/test_csc.py).
+
+
+def cql_penalty(q_policy: jax.Array, q_data: jax.Array) -> jax.Array:
+    """The bracket of CQL(ζ), eq. 2: −E_{s~D, a~π}[Q_C(s, a)] + E_{(s,a)~D}[Q_C(s, a)].
+
+    Minimising α times it raises Q_C on the policy's actions above the data's (the sign reversed from CQL(H),
+    so Q_C over-estimates). Negative when Q_C already sits higher on the policy's actions.
+
+    Args:
+      q_policy: Q_C at actions drawn from π at the buffer states, [B, K].
+      q_data: Q_C at the buffer's (executed) actions, [B].
+
+    Returns:
+      [] the penalty.
+    """
+    return -jnp.mean(q_policy) + jnp.mean(q_data)
+
+
+def safety_critic_loss(params, apply_q: Callable, obs: jax.Array, data_action: jax.Array,
+                       policy_action: jax.Array, target: jax.Array, alpha: float):
+    """CQL(ζ), eq. 2: α·cql_penalty + ½·E_D[(Q_C(s, a) − B̂^π Q̂_C(s, a))²].
+
+    Args:
+      params: safety-critic parameters; apply_q(params, obs [B, O], actions [B, (K,) A]) -> [B, (K)].
+      obs: [B, O]. data_action: [B, A] executed (clipped) actions. policy_action: [B, K, A] draws from π
+        (clipped). target: [B] Bellman targets (held constant). alpha: α ≥ 0.
+
+    Returns:
+      (loss [], aux) with aux "penalty" (cql_penalty), "bellman" (½ mean squared error), "q_data", "q_policy".
+    """
+    q_data = apply_q(params, obs, data_action)  # [B]
+    q_policy = apply_q(params, obs, policy_action)  # [B, K]
+    penalty = cql_penalty(q_policy, q_data)
+    bellman = 0.5 * jnp.mean(jnp.square(q_data - jax.lax.stop_gradient(target)))
+    loss = alpha * penalty + bellman
+    return loss, {"penalty": penalty, "bellman": bellman, "q_data": jnp.mean(q_data),
+                  "q_policy": jnp.mean(q_policy)}
+
+
+def rejection_threshold(chi: jax.Array, cost_value: jax.Array, gamma: float) -> jax.Array:
+    """ε = (1 − γ)(χ − V̂_C), Algorithm 1 line 5 (χ and V̂_C in per-state Q_C units, see the module doc)."""
+    return (1.0 - gamma) * (chi - cost_value)
+
+
+class Selection(NamedTuple):
+    action: jax.Array  # [E, A] the executed draw
+    index: jax.Array  # [E] int32, which of the M draws
+    num_draws: jax.Array  # [E] int32, draws a sequential loop would have taken (index + 1, or M)
+    accepted: jax.Array  # [E] bool, False: all M rejected, the lowest-Q_C draw is executed
+
+
+def select_action(draws: jax.Array, q_c: jax.Array, threshold: jax.Array) -> Selection:
+    """Rejection sampling of line 6 over pre-drawn candidates: the first draw with Q_C ≤ ε, else the lowest Q_C.
+
+    Args:
+      draws: [E, M] candidate actions [E, M, A] in draw order. q_c: Q_C of each, [E, M] (NaN counts as
+        rejected). threshold: ε, [] or [E].
+
+    Returns:
+      Selection (see the class).
+    """
+    num = draws.shape[1]
+    ok = q_c <= jnp.asarray(threshold)[..., None]  # [E, M]; NaN compares False
+    any_ok = jnp.any(ok, axis=1)  # [E]
+    first = jnp.argmax(ok, axis=1)  # [E] the first True (0 when none, unused then)
+    safest = jnp.argmin(jnp.where(jnp.isnan(q_c), jnp.inf, q_c), axis=1)  # [E]
+    index = jnp.where(any_ok, first, safest).astype(jnp.int32)
+    action = jnp.take_along_axis(draws, index[:, None, None], axis=1)[:, 0]  # [E, A]
+    num_draws = jnp.where(any_ok, first + 1, num).astype(jnp.int32)
+    return Selection(action=action, index=index, num_draws=num_draws, accepted=any_ok)
+
+
+def lambda_update(lam: jax.Array, cost_advantage: jax.Array, chi: jax.Array, cost_value: jax.Array,
+                  gamma: float, lr: float) -> jax.Array:
+    """Eq. 9 as projected descent on eq. 5's Lagrangian.
+
+    λ ← max(0, λ + η_λ(E[Â_C]/(1 − γ) − (χ − V̂_C))).
+
+    Args:
+      lam: λ ≥ 0. cost_advantage: E_{s~ρ_old, a~π}[Â_C(s, a)] (see the module doc for which π). chi: χ.
+      cost_value: V̂_C (same per-state units as χ). gamma: γ. lr: η_λ.
+
+    Returns:
+      [] the new λ ≥ 0.
+    """
+    chi_prime = chi - cost_value
+    return jnp.maximum(0.0, lam + lr * (cost_advantage / (1.0 - gamma) - chi_prime))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The learner.
+
+
+class CSCParams(NamedTuple):
+    """What evaluation and checkpoints read: the policy, the reward value V_r and the safety critic Q_C."""
+
+    policy: dict
+    reward_value: dict
+    safety_critic: dict
+
+
+@struct.dataclass
+class CSCState:
+    params: CSCParams
+    target_safety_critic: dict  # polyak average of Q_C, for the Bellman targets
+    critic_opt_state: optax.OptState
+    value_opt_state: optax.OptState
+    lam: jax.Array  # λ ≥ 0 of eq. 9
+    episode_cost: jax.Array  # mean episodic cost of the last rollout's ended episodes; NaN before any
+    replay: replay.ReplayState  # D_env, executed (clipped) actions
+    running_cost: jax.Array  # [E] cost of each env's episode so far (for the failure counts)
+    failures_per_episode: jax.Array  # last value of the metric (kept when no episode ends)
+    failed_episodes: jax.Array  # likewise
+    num_updates: jax.Array  # int32
+
+
+def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) -> OnPolicyLearner:
+    """CSC for the rollout trainer; needs `cfg.episode_length` resolved (run.resolve fills it)."""
+    if cfg.episode_length is None:
+        raise ValueError("csc needs cfg.episode_length to convert episodic costs to per-state values")
+    o, c = cfg.onpolicy, cfg.csc
+    gamma = float(o.gamma)
+    # χ and V̂_C are (episodic cost) × this per-state factor, see the module doc.
+    per_state = cost_threshold_from_episode_limit(1.0, int(cfg.episode_length), gamma)
+    hidden = tuple(int(h) for h in cfg.network.hidden)
+    policy_net = GaussianPolicyNet(hidden=hidden, action_size=action_size, covariance=cfg.network.covariance)
+    value_net = MLP(hidden, 1)
+    critic_net = SingleQ(hidden=hidden)
+    critic_optimizer = optax.adam(c.safety_critic_lr)
+    value_optimizer = optax.adam(o.value_lr)
+    num_envs = cfg.num_envs
+    capacity = replay.rounded_capacity(cfg.replay_capacity, num_envs)
+
+    def q_c(params, obs, actions):  # [*S, O], [*S, *P, A] -> [*S, *P]; the env clips, so Q_C sees clipped
+        return critic_net.apply(params, obs, jnp.clip(actions, -1.0, 1.0))
+
+    def values(params, obs):  # [*S, O] -> [*S]
+        return value_net.apply(params, obs)[..., 0]
+
+    def chi_of(settings: MemberSettings) -> jax.Array:
+        return settings.cost_limit * per_state
+
+    def cost_value_of(state: CSCState, settings: MemberSettings) -> jax.Array:
+        """V̂_C per state; χ itself before any episode ended (Algorithm 1 line 2)."""
+        episodic = jnp.where(jnp.isnan(state.episode_cost), settings.cost_limit, state.episode_cost)
+        return episodic * per_state
+
+    def init(key: jax.Array) -> CSCState:
+        policy_key, value_key, critic_key = jax.random.split(key, 3)
+        obs = jnp.zeros((1, observation_size), jnp.float32)
+        actions = jnp.zeros((1, action_size), jnp.float32)
+        params = CSCParams(policy=policy_net.init(policy_key, obs), reward_value=value_net.init(value_key, obs),
+                           safety_critic=critic_net.init(critic_key, obs, actions))
+        example = replay.Transition(obs=obs[0], action=actions[0], reward=jnp.zeros(()), cost=jnp.zeros(()),
+                                    next_obs=obs[0], terminal=jnp.zeros(()), truncated=jnp.zeros(()))
+        return CSCState(
+            params=params, target_safety_critic=params.safety_critic,
+            critic_opt_state=critic_optimizer.init(params.safety_critic),
+            value_opt_state=value_optimizer.init(params.reward_value),
+            lam=jnp.float32(0.0), episode_cost=jnp.float32(jnp.nan), replay=replay.init(example, capacity),
+            running_cost=jnp.zeros((num_envs,), jnp.float32), failures_per_episode=jnp.float32(0.0),
+            failed_episodes=jnp.float32(0.0), num_updates=jnp.int32(0))
+
+    def act(params: CSCParams, obs: jax.Array, key: jax.Array, deterministic: bool = False) -> jax.Array:
+        """Evaluation: the policy alone (no safety filter), [N, O] -> [N, A] in the action box."""
+        dist = policy_net.apply(params.policy, obs)
+        action = dist.mean if deterministic else gaussian.sample(dist, key, 1)[:, 0]
+        return jnp.clip(action, -1.0, 1.0)
+
+    def explore(state: CSCState, obs: jax.Array, key: jax.Array, settings: MemberSettings):
+        """Safe exploration (line 6): [E, O] -> (executed draw [E, A] unclipped, log π_old of it [E], metrics)."""
+        dist = policy_net.apply(state.params.policy, obs)
+        draws = gaussian.sample(dist, key, c.max_resamples)  # [E, M, A]
+        q = q_c(state.params.safety_critic, obs, draws)  # [E, M]
+        threshold = rejection_threshold(chi_of(settings), cost_value_of(state, settings), gamma)
+        chosen = select_action(draws, q, threshold)
+        executed_q = jnp.take_along_axis(q, chosen.index[:, None], axis=1)[:, 0]  # [E]
+        metrics = {
+            "csc/rejection_threshold": threshold,
+            "csc/resamples": jnp.mean(chosen.num_draws.astype(jnp.float32)),
+            "csc/all_rejected": jnp.mean(1.0 - chosen.accepted.astype(jnp.float32)),
+            "csc/q_c_executed": jnp.mean(executed_q),
+        }
+        return chosen.action, gaussian.log_prob(dist, chosen.action), metrics
+
+    def insert_rollout(buffer: replay.ReplayState, rollout: Rollout) -> replay.ReplayState:
+        """Append the rollout to D_env one env step ([E] rows) at a time (the capacity is a multiple of E)."""
+        steps = replay.Transition(obs=rollout.obs, action=jnp.clip(rollout.action, -1.0, 1.0),
+                                  reward=rollout.reward, cost=rollout.cost, next_obs=rollout.next_obs,
+                                  terminal=rollout.terminal, truncated=rollout.truncated)
+        buffer, _ = jax.lax.scan(lambda b, step: (replay.insert(b, step), None), buffer, steps)
+        return buffer
+
+    def count_failures(state: CSCState, rollout: Rollout):
+        """Per-env running episode cost through the rollout; (running [E], ended, cost events, failed)."""
+        def step(running, t):
+            cost, done = t
+            running = running + cost
+            ended = done > 0
+            out = (jnp.sum(ended), jnp.sum(jnp.where(ended, running, 0.0)), jnp.sum(ended & (running > 0)))
+            return jnp.where(ended, 0.0, running), out
+
+        # Only the time limit ends our episodes (a reached goal is `terminal` but the episode goes on).
+        running, (ended, events, failed) = jax.lax.scan(step, state.running_cost, (rollout.cost, rollout.truncated))
+        return running, jnp.sum(ended), jnp.sum(events), jnp.sum(failed)
+
+    def critic_updates(state: CSCState, key: jax.Array):
+        """`csc.critic_updates` CQL(ζ) steps on D_env minibatches, each followed by the polyak target step."""
+        def one(carry, k):
+            params, target, opt_state = carry
+            sample_key, next_key, policy_key = jax.random.split(k, 3)
+            batch = replay.sample(state.replay, sample_key, c.batch_size)
+            policy_params = state.params.policy
+            next_action = gaussian.sample(policy_net.apply(policy_params, batch.next_obs), next_key, 1)[:, 0]
+            target_q = critics.cost_target(batch.cost, batch.terminal, q_c(target, batch.next_obs, next_action),
+                                           gamma)  # [B], unmasked as CVPO's cost critic (see critics.py)
+            policy_action = jnp.clip(gaussian.sample(policy_net.apply(policy_params, batch.obs), policy_key,
+                                                     c.num_particles), -1.0, 1.0)  # [B, K, A]
+            (loss, aux), grads = jax.value_and_grad(safety_critic_loss, has_aux=True)(
+                params, critic_net.apply, batch.obs, batch.action, policy_action, target_q, c.cql_alpha)
+            updates, opt_state = critic_optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            target = critics.polyak_update(target, params, c.polyak)
+            aux = {**aux, "loss": loss, "target": jnp.mean(target_q)}
+            return (params, target, opt_state), aux
+
+        (params, target, opt_state), aux = jax.lax.scan(
+            one, (state.params.safety_critic, state.target_safety_critic, state.critic_opt_state),
+            jax.random.split(key, c.critic_updates))
+        return params, target, opt_state, jax.tree.map(jnp.mean, aux)
+
+    def fit_value(params, opt_state, obs: jax.Array, returns: jax.Array, key: jax.Array):
+        """`value_epochs` shuffled passes of `num_minibatches` Adam steps on (V_r(s) − R)². obs [N, O], [N]."""
+        n = obs.shape[0]
+        size = max(1, n // o.num_minibatches)
+        per_pass = n // size
+
+        def loss(p, idx):
+            return jnp.mean(jnp.square(values(p, obs[idx]) - returns[idx]))
+
+        def step(carry, s):
+            p, opt = carry
+            perm = jax.random.permutation(jax.random.fold_in(key, s // per_pass), n)
+            idx = jax.lax.dynamic_slice_in_dim(perm, (s % per_pass) * size, size)
+            updates, opt = value_optimizer.update(jax.grad(loss)(p, idx), opt, p)
+            return (optax.apply_updates(p, updates), opt), None
+
+        (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), jnp.arange(o.value_epochs * per_pass))
+        return params, opt_state, jnp.mean(jnp.square(values(params, obs) - returns))
+
+    def policy_step(policy_params, obs, action, old_log_prob, reward_adv, particles, particle_log_prob,
+                    cost_adv, lam_prime):
+        """Eqs. 7-8 with backtracking on the KL and the surrogate.
+
+        obs [N, O], action [N, A] executed, old_log_prob/reward_adv [N], particles [N, K, A] ~ π_old with
+        particle_log_prob and cost_adv (Â_C) [N, K], lam_prime λ′ []. Returns (policy params, metrics).
+        """
+        flat, unravel = ravel_pytree(policy_params)  # [P]
+        old_dist = jax.lax.stop_gradient(policy_net.apply(policy_params, obs))
+
+        def surrogate(flat_params):
+            """E[ratio·Â_R] − λ′ E_{a~π_old}[ratio·Â_C] (+ entropy bonus), = 0·… + const at φ_old."""
+            dist = policy_net.apply(unravel(flat_params), obs)
+            reward_term = jnp.mean(jnp.exp(gaussian.log_prob(dist, action) - old_log_prob) * reward_adv)
+            cost_ratio = jnp.exp(gaussian.log_prob(dist, particles) - particle_log_prob)  # [N, K]
+            cost_term = jnp.mean(cost_ratio * cost_adv)
+            entropy = jnp.mean(gaussian.entropy(dist))
+            return reward_term - lam_prime * cost_term + o.entropy_coef * entropy, cost_term
+
+        def mean_kl(flat_params):
+            return jnp.mean(gaussian.kl(old_dist, policy_net.apply(unravel(flat_params), obs)))
+
+        (old_value, old_cost_term), g = jax.value_and_grad(surrogate, has_aux=True)(flat)
+        fvp = ng.fisher_vector_product(mean_kl, flat, o.cg_damping)
+        x = ng.conjugate_gradient(fvp, g, o.cg_iterations)  # F⁻¹g
+        # β of eq. 7 with j = 0: the quadratic model of the KL equals δ at the full step.
+        full_step = jnp.sqrt(2.0 * o.target_kl / (jnp.dot(x, fvp(x)) + _EPS)) * x
+
+        def accept(candidate):
+            kl = mean_kl(candidate)
+            return jnp.isfinite(kl) & (kl <= o.target_kl) & (surrogate(candidate)[0] > old_value)
+
+        new_flat, step_index = ng.backtracking_line_search(flat, full_step, accept, o.line_search_steps,
+                                                           o.backtrack_coeff)
+        new_value, new_cost_term = surrogate(new_flat)
+        metrics = {
+            "policy/kl": mean_kl(new_flat),
+            "policy/line_search_step": step_index.astype(jnp.float32),  # −1: every candidate rejected
+            "policy/accepted": (step_index >= 0).astype(jnp.float32),
+            "policy/surrogate_improvement": new_value - old_value,
+        }
+        # E_{a~π_new}[Â_C] (the cost term is zero at φ_old): > 0 means the step made the policy riskier.
+        metrics["csc/cost_advantage_new"] = new_cost_term - old_cost_term
+        return unravel(new_flat), metrics
+
+    def update(state: CSCState, rollout: Rollout, episode_cost: jax.Array, settings: MemberSettings,
+               key: jax.Array):
+        """One epoch of Algorithm 1 (lines 8-16) on a rollout [T, E]; `episode_cost` NaN when none ended."""
+        critic_key, particle_key, value_key = jax.random.split(key, 3)
+        params = state.params
+
+        # Line 8 and line 10: D_env ← D_env ∪ rollout; V̂_C ← this epoch's mean episodic cost.
+        buffer = insert_rollout(state.replay, rollout)
+        episode_cost_estimate = jnp.where(jnp.isfinite(episode_cost), episode_cost, state.episode_cost)
+        running, ended, events, failed = count_failures(state, rollout)
+        have = ended > 0
+        failures_per_episode = jnp.where(have, events / jnp.maximum(ended, 1), state.failures_per_episode)
+        failed_episodes = jnp.where(have, failed / jnp.maximum(ended, 1), state.failed_episodes)
+        state = state.replace(replay=buffer, episode_cost=episode_cost_estimate, running_cost=running)
+        chi = chi_of(settings)
+        cost_value = cost_value_of(state, settings)
+
+        # Line 13 first, so the advantages below use a critic that has seen this rollout.
+        critic_params, target_critic, critic_opt_state, critic_aux = critic_updates(state, critic_key)
+
+        def flat(x):
+            return x.reshape((-1,) + x.shape[2:])
+
+        obs, action, old_log_prob = flat(rollout.obs), flat(rollout.action), flat(rollout.log_prob)
+
+        # Â_R by GAE on the rewards (eq. 48), then the V_r fit on the λ-returns.
+        reward_adv, reward_returns = gae(rollout.reward, values(params.reward_value, rollout.obs),
+                                         values(params.reward_value, rollout.next_obs), rollout.terminal,
+                                         rollout.truncated, gamma, o.gae_lambda)
+        value_params, value_opt_state, value_loss = fit_value(params.reward_value, state.value_opt_state, obs,
+                                                              flat(reward_returns), value_key)
+
+        # Â_C(s, a) = Q_C(s, a) − E_{a'~π_old}Q_C(s, a') on K fresh draws from π_old per rollout state.
+        old_dist = policy_net.apply(params.policy, obs)
+        particles = gaussian.sample(old_dist, particle_key, c.num_particles)  # [N, K, A]
+        particle_log_prob = gaussian.log_prob(old_dist, particles)  # [N, K]
+        q_particles = q_c(critic_params, obs, particles)  # [N, K]
+        expected_q = jnp.mean(q_particles, axis=1)  # [N] E_{π_old}Q_C(s, ·)
+        cost_adv = q_particles - expected_q[:, None]  # [N, K]
+
+        # Line 12 with the current λ, then line 14. Â_R is centred (not scaled: λ′ weighs it in its own
+        # units): the executed actions are the filter's choice, not draws of π_old, so a common offset of Â_R
+        # would not average out in E[∇log π·Â_R]; it would pull π towards or away from whatever the filter
+        # picked according to the sign of the value fit's error.
+        lam_prime = state.lam / (1.0 - gamma)
+        reward_adv = flat(reward_adv) - jnp.mean(reward_adv)
+        policy_params, policy_metrics = policy_step(
+            params.policy, obs, action, old_log_prob, reward_adv, jax.lax.stop_gradient(particles),
+            jax.lax.stop_gradient(particle_log_prob), jax.lax.stop_gradient(cost_adv), lam_prime)
+        policy_cost_value = jnp.mean(expected_q)  # V̂_C^{π_old} for λ (module doc)
+        lam = lambda_update(state.lam, policy_metrics["csc/cost_advantage_new"], chi, policy_cost_value, gamma,
+                            c.lambda_lr)
+
+        new_state = state.replace(
+            params=CSCParams(policy=policy_params, reward_value=value_params, safety_critic=critic_params),
+            target_safety_critic=target_critic, critic_opt_state=critic_opt_state,
+            value_opt_state=value_opt_state, lam=lam, failures_per_episode=failures_per_episode,
+            failed_episodes=failed_episodes, num_updates=state.num_updates + 1)
+        metrics = {
+            **policy_metrics,
+            "csc/lambda": lam,
+            "csc/chi": chi,
+            "csc/cost_value": cost_value,  # V̂_C of the observed (filtered) episodes, sets ε
+            "csc/q_c": policy_cost_value,  # E_{π_old}Q_C at the rollout states: V̂_C^{π_old} of the λ step
+            "csc/next_rejection_threshold": rejection_threshold(chi, cost_value, gamma),
+            "csc/cql_penalty": critic_aux["penalty"],
+            "csc/critic_bellman_loss": critic_aux["bellman"],
+            "csc/critic_target": critic_aux["target"],
+            "csc/failures_per_episode": failures_per_episode,
+            "csc/failed_episodes": failed_episodes,
+            "value/reward_loss": value_loss,
+            "value/reward_return": jnp.mean(reward_returns),
+            "policy/entropy": jnp.mean(gaussian.entropy(policy_net.apply(policy_params, obs))),
+        }
+        return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    return OnPolicyLearner(init=init, act=act, explore=explore, update=update)
