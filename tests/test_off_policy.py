@@ -84,3 +84,24 @@ def test_lagrangian_baseline_learns_under_the_limit(algo, tmp_path):
     assert float(constrained["lagrange/lambda"]) > 0.1
     assert float(constrained["eval/episode_cost"]) <= 5.0
     assert float(constrained["eval/episode_reward"]) > 5.0
+
+
+def test_squashed_log_density_is_the_change_of_variables_of_the_gaussian():
+    import jax
+    import jax.numpy as jnp
+    from scipy import stats
+
+    from cvpo_jax.baselines.off_policy import squashed_sample
+    from cvpo_jax.policy import Gaussian
+
+    mean = jnp.array([[0.3, -0.8], [0.95, 0.0]])  # the network's (deterministic) action, inside the box
+    tril = jnp.array([[[0.5, 0.0], [0.2, 0.3]], [[0.1, 0.0], [-0.05, 1.2]]])
+    action, log_prob = squashed_sample(Gaussian(mean, tril), jax.random.PRNGKey(3))
+    action, log_prob = np.asarray(action, np.float64), np.asarray(log_prob, np.float64)
+    assert np.all(np.abs(action) < 1.0)
+    for b in range(2):
+        u = np.arctanh(action[b])
+        cov = np.asarray(tril[b], np.float64) @ np.asarray(tril[b], np.float64).T
+        gaussian = stats.multivariate_normal(np.arctanh(np.asarray(mean[b], np.float64)), cov).logpdf(u)
+        expected = gaussian - np.sum(np.log1p(-np.tanh(u) ** 2))
+        assert log_prob[b] == pytest.approx(expected, rel=1e-3, abs=1e-3)

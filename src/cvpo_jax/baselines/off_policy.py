@@ -14,8 +14,11 @@ member's episodic cost limit, as the issue asks. (The CVPO authors' code drives 
 the batch against the per-state threshold ε1 instead; the episodic form is Stooke et al.'s original.)
 
 Per method:
-- sac_lag: stochastic policy, reparameterised sample clipped to the action box, entropy temperature α tuned
-  towards a target entropy (−A by default), twin-min reward target with the entropy bonus.
+- sac_lag: stochastic tanh-squashed policy: u ~ N(atanh μ(s), Σ(s)) and a = tanh(u), so the deterministic
+  action is still the network's mean μ(s) (as CVPO's), log π(a) has the tanh Jacobian correction, and every
+  sample lies inside the box. (A clipped Gaussian failed here: samples outside the box carry no Q gradient,
+  so the entropy bonus inflated Σ unopposed; on point_goal the training cost stayed ~40 while λ grew past 20.)
+  Entropy temperature α tuned towards a target entropy (−A by default); twin-min target with the bonus.
 - td3_lag: deterministic policy = the Gaussian's mean; Gaussian exploration noise while acting; target policy
   smoothing noise; twin-min reward target; the policy and the targets move every `policy_delay` updates.
 - ddpg_lag: deterministic policy, exploration noise, the first reward head only (no twin minimum, no
@@ -36,6 +39,18 @@ from cvpo_jax.learner import Learner, MemberSettings
 from cvpo_jax.replay import Transition
 
 OFF_POLICY_BASELINES = ("sac_lag", "td3_lag", "ddpg_lag")
+
+
+def squashed_sample(dist: policy.Gaussian, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SAC's a = tanh(u), u ~ N(atanh μ, Σ) (reparameterised), and log π(a).
+
+    dist: mean [B, A] inside (−1, 1), scale_tril [B, A, A]. Returns actions [B, A] and log π [B].
+    """
+    pre_squash = dist._replace(mean=jnp.arctanh(jnp.clip(dist.mean, -1.0 + 1e-6, 1.0 - 1e-6)))
+    u = policy.sample(pre_squash, key, 1)[:, 0]  # [B, A]
+    # log π(a) = log N(u) − Σ log(1 − tanh²u), the Jacobian written stably as 2(log 2 − u − softplus(−2u)).
+    log_jacobian = jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), axis=-1)
+    return jnp.tanh(u), policy.log_prob(pre_squash, u) - log_jacobian
 
 
 @struct.dataclass
@@ -59,6 +74,11 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
     gains = gains_from_config(cfg.lagrange)
     nets = networks.make_networks(observation_size, action_size, hidden=tuple(cfg.network.hidden),
                                   covariance=cfg.network.covariance)
+    # CVPO's policy clips its mean logits at ±5, where the gradient of a deterministic actor (or of SAC's
+    # pre-squash mean) would vanish for good; ±10 keeps actions up to tanh(5) ≈ 0.9999 and gradients alive.
+    nets = nets._replace(policy=networks.GaussianPolicyNet(
+        hidden=tuple(cfg.network.hidden), action_size=action_size, covariance=cfg.network.covariance,
+        mean_clip=10.0))
     policy_optimizer = optax.adam(c.actor_lr)
     reward_optimizer = optax.adam(c.critic_lr)
     cost_optimizer = optax.adam(c.critic_lr)
@@ -84,11 +104,10 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
             pid=init_pid(gains, cfg.lagrange.initial), num_updates=jnp.int32(0))
 
     def next_action(params: networks.NetworkParams, next_obs: jax.Array, key: jax.Array):
-        """a' for the Bellman targets, clipped to the box; with its log-density for SAC's entropy bonus."""
+        """a' for the Bellman targets, inside the box; with its log-density for SAC's entropy bonus."""
         dist = nets.policy.apply(params.policy, next_obs)  # [B]
         if stochastic:
-            action = policy.sample(dist, key, 1)[:, 0]  # [B, A]
-            return jnp.clip(action, -1.0, 1.0), policy.log_prob(dist, action)
+            return squashed_sample(dist, key)
         action = dist.mean
         if algo == "td3_lag":  # target policy smoothing
             noise = jnp.clip(c.target_noise * jax.random.normal(key, action.shape), -c.target_noise_clip,
@@ -125,11 +144,9 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
     def policy_loss(policy_params, state: OffPolicyState, obs: jax.Array, key: jax.Array):
         dist = nets.policy.apply(policy_params, obs)  # [B]
         if stochastic:
-            raw = policy.sample(dist, key, 1)[:, 0]  # [B, A], reparameterised
-            log_prob = policy.log_prob(dist, raw)  # [B]
+            action, log_prob = squashed_sample(dist, key)  # [B, A], [B]
         else:
-            raw, log_prob = dist.mean, jnp.zeros(obs.shape[:-1])
-        action = jnp.clip(raw, -1.0, 1.0)  # the critics only know executed (clipped) actions
+            action, log_prob = dist.mean, jnp.zeros(obs.shape[:-1])
         q_r = reward_q(nets.reward_critic.apply(state.params.reward_critic, obs, action))  # [B]
         q_c = nets.cost_critic.apply(state.params.cost_critic, obs, action)  # [B]
         lam = state.pid.multiplier
@@ -143,9 +160,9 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
         params = state.params._replace(policy=optax.apply_updates(state.params.policy, updates))
         log_alpha, alpha_opt_state = state.log_alpha, state.alpha_opt_state
         if stochastic:
-            # α ← α − lr·∇ E[−α (log π + H_target)]: raises α while the entropy is below its target.
-            entropy_gap = jax.lax.stop_gradient(aux["actor/entropy"] - target_entropy)
-            alpha_grad = jnp.exp(log_alpha) * entropy_gap  # d/dlogα of −α·(log π + H_target) averaged
+            # Descend −log α·(log π + H_target) in log α: its gradient is the entropy's excess over the target,
+            # so α falls while the policy is more random than the target and rises when it is less.
+            alpha_grad = jax.lax.stop_gradient(aux["actor/entropy"] - target_entropy)
             alpha_updates, alpha_opt_state = alpha_optimizer.update(alpha_grad, alpha_opt_state, log_alpha)
             log_alpha = optax.apply_updates(log_alpha, alpha_updates)
         target_params = critics.polyak_update(state.target_params, params, c.polyak)
@@ -178,7 +195,7 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
         if deterministic:
             action = dist.mean
         elif stochastic:
-            action = policy.sample(dist, key, 1)[:, 0]
+            action, _ = squashed_sample(dist, key)
         else:
             action = dist.mean + c.exploration_noise * jax.random.normal(key, dist.mean.shape)
         return jnp.clip(action, -1.0, 1.0)

@@ -1,4 +1,4 @@
-"""`python -m cvpo_jax.bench train`: the CVPO update and the whole training loop, timed.
+"""`python -m cvpo_jax.bench train`: the update and the whole training loop of each algorithm, timed.
 
 At the paper's configuration (B 300, K 32, M 6, 256×256) on `point_goal` it prints the time of one update
 split into critic step, E-step and M-step, updates/s, the env-steps/s of the whole jitted loop (acting +
@@ -6,7 +6,12 @@ replay + updates at the configured ratio), and the same for several `num_seeds` 
 The phase timings run on replay batches of Gaussian noise (their cost does not depend on the data, except
 the E-step's iteration count, which is reported); the loop timing runs the real task.
 
-Options (key=value): seeds=1,4,16  repeats=5  chunk_env_steps=160  json=PATH, and any run option
+Other algorithms (`algos=cvpo,sac_lag,ppo_lag,...`, default cvpo) print the same table: the off-policy
+baselines time their fused update on the same noise batch (no phases), the on-policy ones (whose update needs
+a rollout) only the loop. The loop column is comparable across all of them: env-steps/s of acting and
+learning at each method's own settings.
+
+Options (key=value): algos=cvpo  seeds=1,4,16  repeats=5  chunk_env_steps=160  json=PATH, and any run option
 (e.g. env=point_goal cvpo.num_particles=64).
 """
 
@@ -23,7 +28,7 @@ import numpy as np
 
 from cvpo_jax.config import ConfigError, load_config
 
-BENCH_KEYS = {"seeds", "repeats", "json"}
+BENCH_KEYS = {"algos", "seeds", "repeats", "json"}
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -43,19 +48,30 @@ def _timed_compile(fn: Callable[[], object]) -> float:
 
 def bench_seeds(run_args: list[str], num_seeds: int, repeats: int) -> dict:
     from cvpo_jax import envs
-    from cvpo_jax.replay import Transition
-    from cvpo_jax.trainer import make_trainer, member_keys, member_settings
+    from cvpo_jax.algorithms import make_trainer
+    from cvpo_jax.config import OFF_POLICY_ALGORITHMS
+    from cvpo_jax.trainer import member_keys, member_settings
 
     cfg = load_config(run_args + [f"num_seeds={num_seeds}", "progress=false"], envs.names())
     env = envs.make(cfg.env)
     episode_length = cfg.episode_length or env.episode_length
     cfg.cost_limit = cfg.cost_limit if cfg.cost_limit is not None else env.cost_limit
     trainer = make_trainer(cfg, env, episode_length)
-    learner = trainer.learner
     settings = member_settings(cfg, episode_length)
-    n, b = num_seeds, cfg.cvpo.batch_size
+    n = num_seeds
     keys = member_keys(cfg)
+    result: dict = {"algo": cfg.algo, "num_seeds": n}
+    if cfg.algo in OFF_POLICY_ALGORITHMS:
+        result.update(_time_updates(cfg, env, trainer.learner, settings, keys, repeats))
+    result.update(_time_loop(cfg, trainer, settings, keys, repeats))
+    return result
 
+
+def _time_updates(cfg, env, learner, settings, keys, repeats: int) -> dict:
+    """The replay learners' update on a noise batch; CVPO's also split into its three phases."""
+    from cvpo_jax.replay import Transition
+
+    n, b = keys.shape[0], learner.batch_size
     init_learner = jax.jit(jax.vmap(learner.init))
     learner_state = init_learner(keys)
     rng = np.random.default_rng(0)
@@ -68,25 +84,32 @@ def bench_seeds(run_args: list[str], num_seeds: int, repeats: int) -> dict:
         terminal=jnp.zeros((n, b)), truncated=jnp.zeros((n, b)))
     update_keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(n))
 
-    critic = jax.jit(jax.vmap(learner.critic_step))
-    estep = jax.jit(jax.vmap(learner.estep_step))
     full = jax.jit(jax.vmap(learner.update))
-    old_dist, particles, _, _, solution = estep(learner_state, batch, settings, update_keys)
-    mstep = jax.jit(jax.vmap(learner.mstep_step))
-
-    phases = {
-        "critic": lambda: critic(learner_state, batch, update_keys),
-        "estep": lambda: estep(learner_state, batch, settings, update_keys),
-        "mstep": lambda: mstep(learner_state, batch.obs, particles, solution.weights, old_dist),
-        "update": lambda: full(learner_state, batch, settings, update_keys),
-    }
-    result: dict = {"num_seeds": n, "estep_iterations": float(np.mean(solution.iterations))}
+    phases = {"update": lambda: full(learner_state, batch, settings, update_keys)}
+    result: dict = {}
+    if learner.estep_step is not None:  # CVPO
+        critic = jax.jit(jax.vmap(learner.critic_step))
+        estep = jax.jit(jax.vmap(learner.estep_step))
+        old_dist, particles, _, _, solution = estep(learner_state, batch, settings, update_keys)
+        mstep = jax.jit(jax.vmap(learner.mstep_step))
+        phases = {
+            "critic": lambda: critic(learner_state, batch, update_keys),
+            "estep": lambda: estep(learner_state, batch, settings, update_keys),
+            "mstep": lambda: mstep(learner_state, batch.obs, particles, solution.weights, old_dist),
+            **phases,
+        }
+        result["estep_iterations"] = float(np.mean(solution.iterations))
     for name, fn in phases.items():
         result[f"{name}_compile_s"] = _timed_compile(fn)
         result[f"{name}_ms"] = 1e3 * _median_time(fn, repeats)
     result["updates_per_s"] = n / (result["update_ms"] / 1e3)
     result["ms_per_seed_update"] = result["update_ms"] / n
+    return result
 
+
+def _time_loop(cfg, trainer, settings, keys, repeats: int) -> dict:
+    n = keys.shape[0]
+    result: dict = {}
     # The whole loop: one chunk of acting + replay + updates after the warm-up, on the real task.
     state = trainer.init(keys)
     first = np.int32(trainer.schedule.warmup_iterations)
@@ -98,12 +121,13 @@ def bench_seeds(run_args: list[str], num_seeds: int, repeats: int) -> dict:
     times = []
     for _ in range(max(1, repeats // 2)):
         start = time.perf_counter()
-        state, _ = trainer.run_chunk(state, settings, first)
+        state, metrics = trainer.run_chunk(state, settings, first)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - start)
     loop_s = float(np.median(times))
     result["loop_env_steps_per_s"] = n * chunk_steps / loop_s
-    result["loop_updates_per_s"] = n * trainer.schedule.iterations_per_chunk * cfg.updates_per_iteration / loop_s
+    # Gradient updates as each trainer counts them (replay updates; one per rollout for on-policy methods).
+    result["loop_updates_per_s"] = float(np.sum(metrics["train/updates"])) / loop_s
     result["loop_config"] = {"num_envs": cfg.num_envs, "updates_per_iteration": cfg.updates_per_iteration,
                              "chunk_env_steps": chunk_steps}
     return result
@@ -114,6 +138,9 @@ def main(argv: list[str]) -> int:
     run_args = [a for a in argv if not ("=" in a and a.split("=", 1)[0] in BENCH_KEYS)]
     try:
         seeds = [int(s) for s in options.get("seeds", "1,4,16").split(",")]
+        algos = [a for a in options.get("algos", "cvpo").split(",") if a]
+        if any(a.startswith("algo=") for a in run_args):
+            raise ConfigError("give the algorithms as algos=cvpo,sac_lag,... (algo= is not a bench option)")
         repeats = int(options.get("repeats", "5"))
         if not run_args or not any(a.startswith("env=") for a in run_args):
             run_args = ["env=point_goal"] + run_args
@@ -121,27 +148,32 @@ def main(argv: list[str]) -> int:
             run_args.append("chunk_env_steps=160")
         from cvpo_jax import envs
 
-        load_config(run_args, envs.names())  # validate before compiling anything
+        for algo in algos:  # validate before compiling anything
+            load_config(run_args + [f"algo={algo}"], envs.names())
         if any(s < 1 for s in seeds) or repeats < 1:
             raise ConfigError("seeds and repeats must be positive integers, e.g. seeds=1,4,16 repeats=5")
     except (ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    print(f"CVPO update and loop on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
+    print(f"Update and loop of {', '.join(algos)} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
           f"options: {' '.join(run_args)}")
-    header = (f"{'seeds':>5} {'critic ms':>10} {'E-step ms':>10} {'M-step ms':>10} {'update ms':>10} "
+    header = (f"{'algo':>8} {'seeds':>5} {'critic ms':>10} {'E-step ms':>10} {'M-step ms':>10} {'update ms':>10} "
               f"{'ms/seed-upd':>11} {'updates/s':>10} {'E-it':>5} {'loop env-st/s':>13} {'loop upd/s':>10} "
               f"{'compile s':>9}")
     print(header)
     results = []
-    for n in seeds:
-        r = bench_seeds(run_args, n, repeats)
-        results.append(r)
-        compile_s = r["update_compile_s"] + r["loop_compile_s"]
-        print(f"{n:>5} {r['critic_ms']:>10.2f} {r['estep_ms']:>10.2f} {r['mstep_ms']:>10.2f} {r['update_ms']:>10.2f} "
-              f"{r['ms_per_seed_update']:>11.2f} {r['updates_per_s']:>10.1f} {r['estep_iterations']:>5.1f} "
-              f"{r['loop_env_steps_per_s']:>13.0f} {r['loop_updates_per_s']:>10.1f} {compile_s:>9.1f}", flush=True)
+    nan = float("nan")
+    for algo in algos:
+        for n in seeds:
+            r = bench_seeds(run_args + [f"algo={algo}"], n, repeats)
+            results.append(r)
+            g = lambda k: r.get(k, nan)  # noqa: E731 - columns an algorithm does not have print as nan
+            compile_s = r.get("update_compile_s", 0.0) + r["loop_compile_s"]
+            print(f"{algo:>8} {n:>5} {g('critic_ms'):>10.2f} {g('estep_ms'):>10.2f} {g('mstep_ms'):>10.2f} "
+                  f"{g('update_ms'):>10.2f} {g('ms_per_seed_update'):>11.2f} {g('updates_per_s'):>10.1f} "
+                  f"{g('estep_iterations'):>5.1f} {r['loop_env_steps_per_s']:>13.0f} {r['loop_updates_per_s']:>10.1f} "
+                  f"{compile_s:>9.1f}", flush=True)
     print("Phases are timed alone (each its own jitted call); 'update' is the fused step, so it is not their sum.")
     if "json" in options:
         with open(options["json"], "w") as f:
