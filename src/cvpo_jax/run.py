@@ -20,6 +20,7 @@ from cvpo_jax.config import ConfigError, RunConfig, from_yaml_file, load_config,
 
 USAGE = """usage: python -m cvpo_jax.run [key=value ...]
   env=point_goal            task (python -c 'import cvpo_jax.envs as e; print(e.names())')
+  algo=cvpo                 cvpo | sac_lag td3_lag ddpg_lag | ppo_lag trpo_lag cpo trpo | csc
   num_seeds=4               seeds trained side by side in one program
   cvpo.kl_bound=0.05        nested keys reach the algorithm settings
   sweep.cost_limits=[5,10]  cost limits trained side by side (crossed with the seeds)
