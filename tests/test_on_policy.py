@@ -301,3 +301,29 @@ def test_resumed_run_matches_the_uninterrupted_one(trpo_run, tmp_path, capsys):
     capsys.readouterr()
     assert evaluate.main([f"run={trpo_run['dir']}", "episodes=2", f"picture={tmp_path / 'rollout.png'}"]) == 0
     assert "trpo on speed_limit" in capsys.readouterr().out
+
+
+def test_non_finite_parameters_stop_an_on_policy_run(trpo_run, tmp_path, monkeypatch, capsys):
+    """NaN value-network weights (as a diverged fit would leave them) must stop the run before the chunk is
+    checkpointed: the trainer's `nonfinite` flag covers the on-policy learners too."""
+    import shutil
+
+    from cvpo_jax import checkpoint
+
+    run_dir = tmp_path / "poisoned"
+    shutil.copytree(trpo_run["dir"], run_dir)
+    before = checkpoint.latest_iteration(str(run_dir))
+    real_restore = checkpoint.restore
+
+    def restore_with_nan_values(*args, **kwargs):
+        state = real_restore(*args, **kwargs)
+        params = state.learner.params
+        poisoned = params._replace(reward_value=jax.tree.map(lambda x: x * np.nan, params.reward_value))
+        return state.replace(learner=state.learner.replace(params=poisoned))
+
+    monkeypatch.setattr(checkpoint, "restore", restore_with_nan_values)
+    capsys.readouterr()
+    assert run.main([f"resume={run_dir}", "total_env_steps=14000"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0]
+    assert checkpoint.latest_iteration(str(run_dir)) == before
