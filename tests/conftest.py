@@ -13,3 +13,17 @@ jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 # Cache every compile, including the small ones the tests are full of.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest
+
+# Test files whose tests are independent compiles (one per task) and spread over the xdist workers one test at
+# a time; every other file stays on one worker, so its module-scoped runs are made once and shared.
+SPREAD_FILES = {"test_envs_all.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Group tests by file for `pytest -n 2 --dist loadgroup`, except the per-task smoke tests."""
+    for item in items:
+        name = os.path.basename(str(item.fspath))
+        if name not in SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(name=name))
