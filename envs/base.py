@@ -87,6 +87,8 @@ class Config:
     iterations: int = 10
     ls_iterations: int = 5
     tolerance: float = 1e-8
+    cone: str = "pyramidal"
+    jacobian: str = "auto"
     max_geom_pairs: int = 2
     max_contact_points: int = -1
 
@@ -96,7 +98,8 @@ def robot_preset(robot: str, cvpo: bool) -> dict[str, Any]:
     solver budget (see robots.py)."""
     r = robots.get(robot)
     return dict(robot=robot, timestep=r.cvpo_timestep if cvpo else r.sgym_timestep,
-                max_contact_points=r.max_contact_points, ls_iterations=r.ls_iterations)
+                max_contact_points=r.max_contact_points, ls_iterations=r.ls_iterations,
+                jacobian=r.jacobian)
 
 
 def check_overrides(config: Config, overrides: dict[str, Any]) -> Config:
@@ -150,7 +153,7 @@ class SafetyEnv(Env):
         c = self.config
         return mjcf.SceneSpec(
             robot=c.robot, timestep=c.timestep, iterations=c.iterations, ls_iterations=c.ls_iterations,
-            solver=c.solver, tolerance=c.tolerance,
+            solver=c.solver, tolerance=c.tolerance, cone=c.cone, jacobian=c.jacobian,
             max_geom_pairs=c.max_geom_pairs, max_contact_points=c.max_contact_points,
             nuserdata=_UD_GREMLINS + 2 * c.num_gremlins)
 

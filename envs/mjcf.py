@@ -52,6 +52,8 @@ class SceneSpec:
     iterations: int = 10
     ls_iterations: int = 5
     tolerance: float = 1e-8  # MuJoCo's default; early exit of the solver's iterations
+    cone: str = "pyramidal"  # MuJoCo's default friction cone (Safety-Gym's)
+    jacobian: str = "auto"  # MJX: "dense" below nv 60 on CPU/GPU; see robots.py for the Car's "sparse"
     # MJX broad phase: per collision-function group, only the N closest candidate pairs are tested.
     max_geom_pairs: int = 2
     # MJX: at most N contacts per condim group enter the solver (the N deepest); -1: all.
@@ -150,7 +152,7 @@ def scene_xml(spec: SceneSpec) -> str:
     <compiler angle="radian"/>
     <option timestep="{spec.timestep}" integrator="Euler" solver="{spec.solver}"
             iterations="{spec.iterations}" ls_iterations="{spec.ls_iterations}"
-          tolerance="{spec.tolerance}"/>
+            tolerance="{spec.tolerance}" cone="{spec.cone}" jacobian="{spec.jacobian}"/>
     <size nuserdata="{spec.nuserdata}"/>
     {custom}
     <visual><global offwidth="640" offheight="640"/></visual>

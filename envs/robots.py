@@ -39,10 +39,24 @@ class Robot:
     # gremlin at once. Car: 2 per wheel + caster = 5 on the floor, + 2 obstacle contacts; MuJoCo C had more
     # than 7 contacts in 12 of 100000 physics steps of random driving among tightly packed obstacles.
     max_contact_points: int
-    # Newton line-search steps per solver iteration. Under vmap MJX runs all of them every iteration; 3 buys
-    # the Car ~15% (MuJoCo C: trajectories equal to 100/50 iterations within 1e-6 m over 200 env steps,
-    # except one random-action run at 0.01 s that parted by 0.11 m after 20 s). The Point gains nothing.
+    # Newton line-search steps per solver iteration. Under vmap MJX runs all of them every iteration. Car:
+    # 5 -> 3 bought ~15%, 3 -> 2 another ~5% (batch 1024, interleaved A/B); MuJoCo C with 10 iterations and
+    # 2 line-search steps stays within 3e-6 m of Safety-Gym's 100/50 budget over 20-100 random env steps,
+    # 50 straight ones and 30 pushing into a button (README). The Point gains nothing from fewer.
+    # Solver iterations stay at 10 for both: the Car needs 3.5 on average but up to 11 (MuJoCo C, 100/50),
+    # and under vmap the slowest env sets the count; at 5 the Car parts from the 100/50 run by 0.5 m within
+    # 5 s of straight driving.
     ls_iterations: int
+    # MJX mass-matrix layout. "sparse" keeps LAPACK out of MJX's mass-matrix factorisations (pure JAX
+    # instead); only the Newton solver's own Cholesky is left, one call at a time. Why the Car needs it:
+    # jaxlib's batched Cholesky splits batches of more than ~450 11x11 matrices across XLA's intra-op thread
+    # pool and blocks its worker until the pieces finish. Dense MJX factorises three matrices per physics
+    # step (mass matrix, mass matrix + Euler damping, Newton Hessian); some are independent, XLA runs two at
+    # once, and with two pool threads (this 2-core CPU) both workers then wait forever for pieces that no
+    # free worker can run: the "car at batch 1024 hangs" bug (gdb: both workers in lapack_spotrf_ffi ->
+    # ParallelBatchMap -> BlockingCounter::Wait). Same speed and trajectories as dense (README). The Point
+    # (nv 3, 9 FLOP per factorisation) would split only beyond ~22000 envs and keeps "auto" (dense).
+    jacobian: str = "auto"
 
     def forward_action(self) -> np.ndarray:
         """Action that drives straight ahead at full speed."""
@@ -159,7 +173,8 @@ CAR = Robot(
     nominal_speed=0.77,
     sensor_size=24,
     max_contact_points=7,
-    ls_iterations=3,
+    ls_iterations=2,
+    jacobian="sparse",
 )
 
 ROBOTS = {"point": POINT, "car": CAR}
