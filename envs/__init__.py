@@ -6,7 +6,11 @@
 See envs/README.md for the tasks, what differs from Safety-Gymnasium, and measured speeds.
 """
 
-from .base import Config, SafetyEnv
-from .registry import default_config, make, mjx_names, names
+from cvpo_jax import import_mjx_quietly
+
+import_mjx_quietly()  # before .base imports mujoco.mjx: drops its "Failed to import warp" lines
+
+from .base import Config, SafetyEnv  # noqa: E402
+from .registry import default_config, make, mjx_names, names  # noqa: E402
 
 __all__ = ["Config", "SafetyEnv", "default_config", "make", "mjx_names", "names"]

@@ -260,3 +260,20 @@ def test_render_cli_bad_options_exit_2(argv, capsys):
     assert render.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_env_benchmark_compares_each_task_with_its_safety_gymnasium_counterpart():
+    import json
+    import pathlib
+
+    from cvpo_jax.benchmarks import env as env_bench
+
+    assert env_bench.sgym_counterpart("point_goal1")[0] == "SafetyPointGoal1"
+    assert env_bench.sgym_counterpart("car_button2")[0] == "SafetyCarButton1"
+    assert env_bench.sgym_counterpart("car_circle")[0] == "SafetyCarCircle1"
+    assert env_bench.sgym_counterpart("speed_limit") is None
+    # The constants are the committed measurement (experiments/sgym_reference.py), rounded.
+    measured = json.loads((pathlib.Path(__file__).parents[1] / "experiments/results/sgym_reference_cpu.json").read_text())
+    for result in measured["results"]:
+        key = result["task"].removesuffix("-v0")
+        assert env_bench.SGYM_SINGLE_ENV_STEPS_PER_S[key] == round(result["steps_per_s"])

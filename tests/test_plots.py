@@ -32,3 +32,8 @@ def test_cumulative_cost_sums_mean_episode_cost_times_episodes(tmp_path):
     assert out.stat().st_size > 10_000
     assert plots.main(["compare", f"out={out}", f"a={tmp_path / 'missing'}"]) == 2
     assert plots.main(["compare", "max_env_steps=lots", f"a={csv}"]) == 2
+
+
+def test_env_step_ticks_are_short():
+    assert [plots.format_env_steps(v) for v in (0, 500, 50_000, 400_000, 1_200_000)] == \
+        ["0", "500", "50k", "400k", "1.2M"]

@@ -11,6 +11,22 @@ import numpy as np
 from cvpo_jax.metrics_log import read_csv
 
 
+def format_env_steps(value: float, _position=None) -> str:
+    """Tick label for an env-step axis: 400000 -> "400k", 1200000 -> "1.2M" (plain numbers overlap)."""
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:g}M"
+    if abs(value) >= 1e3:
+        return f"{value / 1e3:g}k"
+    return f"{value:g}"
+
+
+def _label_env_steps_axis(ax, label: str) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_formatter(FuncFormatter(format_env_steps))
+
+
 def plot_curves(csv_path: str, png_path: str, title: str = "") -> None:
     import matplotlib
 
@@ -47,7 +63,7 @@ def plot_curves(csv_path: str, png_path: str, title: str = "") -> None:
     top = max(max(plotted_costs), float(np.min(limits))) * 1.25 + 1e-6
     ax_c.set_ylim(bottom=-0.03 * top, top=top)
     for ax, label in ((ax_r, "evaluation episode reward"), (ax_c, "evaluation episode cost")):
-        ax.set_xlabel("env steps (per member)")
+        _label_env_steps_axis(ax, "env steps (per member)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -107,7 +123,7 @@ def plot_comparison(runs: dict[str, str], png_path: str, max_env_steps: float | 
         axes[1].axhline(limit, color="k", ls="--", lw=1, label=f"cost limit {limit:g}")
     names = ("evaluation episode reward", "evaluation episode cost", "cumulative training cost")
     for ax, name in zip(axes, names):
-        ax.set_xlabel("env steps (per seed)")
+        _label_env_steps_axis(ax, "env steps (per seed)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
