@@ -69,3 +69,15 @@ def test_yaml_round_trip(tmp_path):
     path.write_text(to_yaml(cfg))
     assert from_yaml_file(str(path)) == cfg
     assert isinstance(from_yaml_file(str(path)), RunConfig)
+
+
+def test_task_presets_fill_only_what_is_unset():
+    from types import SimpleNamespace
+
+    from cvpo_jax.config import fill_task_presets, load_config
+
+    task = SimpleNamespace(episode_length=400, cost_limit=10.0)
+    cfg = fill_task_presets(load_config(["env=point_goal"], ["point_goal"]), task)
+    assert (cfg.episode_length, cfg.cost_limit) == (400, 10.0)
+    cfg = fill_task_presets(load_config(["env=point_goal", "episode_length=50", "cost_limit=3"], ["point_goal"]), task)
+    assert (cfg.episode_length, cfg.cost_limit) == (50, 3.0)

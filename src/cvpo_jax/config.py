@@ -408,6 +408,18 @@ def _validate_baselines(cfg: RunConfig) -> None:
                f"must be >= csc.batch_size ({csc.batch_size})")
 
 
+def fill_task_presets(cfg: "RunConfig", env) -> "RunConfig":
+    """Episode length and cost limit left unset take the task's own (`env.episode_length`, `env.cost_limit`).
+
+    Every entry point that builds a trainer calls this (run, bench train), so an algorithm may rely on both.
+    """
+    if cfg.episode_length is None:
+        cfg.episode_length = int(env.episode_length)
+    if cfg.cost_limit is None:
+        cfg.cost_limit = float(env.cost_limit)
+    return cfg
+
+
 def load_config(argv: Sequence[str], env_names: Sequence[str], *, base: Optional[RunConfig] = None) -> RunConfig:
     """Build the RunConfig from `key=value` arguments: defaults, then the env preset, then the overrides.
 

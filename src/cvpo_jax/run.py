@@ -18,7 +18,7 @@ import numpy as np
 
 from cvpo_jax import import_mjx_quietly
 
-from cvpo_jax.config import ConfigError, RunConfig, from_yaml_file, load_config, to_yaml
+from cvpo_jax.config import ConfigError, RunConfig, fill_task_presets, from_yaml_file, load_config, to_yaml
 
 USAGE = """usage: python -m cvpo_jax.run [key=value ...]
   env=point_goal            task (python -c 'import cvpo_jax.envs as e; print(e.names())')
@@ -55,11 +55,7 @@ def resolve(argv: Sequence[str]) -> RunConfig:
     if cfg.episode_length is None or cfg.cost_limit is None:
         from cvpo_jax import envs
 
-        env = envs.make(cfg.env)
-        if cfg.episode_length is None:
-            cfg.episode_length = int(env.episode_length)
-        if cfg.cost_limit is None:
-            cfg.cost_limit = float(env.cost_limit)
+        fill_task_presets(cfg, envs.make(cfg.env))
     return cfg
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvpo_jax.config import ConfigError, load_config
+from cvpo_jax.config import ConfigError, fill_task_presets, load_config
 
 BENCH_KEYS = {"algos", "seeds", "repeats", "json"}
 
@@ -54,10 +54,9 @@ def bench_seeds(run_args: list[str], num_seeds: int, repeats: int) -> dict:
 
     cfg = load_config(run_args + [f"num_seeds={num_seeds}", "progress=false"], envs.names())
     env = envs.make(cfg.env)
-    episode_length = cfg.episode_length or env.episode_length
-    cfg.cost_limit = cfg.cost_limit if cfg.cost_limit is not None else env.cost_limit
-    trainer = make_trainer(cfg, env, episode_length)
-    settings = member_settings(cfg, episode_length)
+    fill_task_presets(cfg, env)  # as run does: csc converts episodic costs with cfg.episode_length
+    trainer = make_trainer(cfg, env, cfg.episode_length)
+    settings = member_settings(cfg, cfg.episode_length)
     n = num_seeds
     keys = member_keys(cfg)
     result: dict = {"algo": cfg.algo, "num_seeds": n}
