@@ -21,8 +21,9 @@ def import_mjx_quietly() -> None:
     """Import mujoco.mjx without its two "Failed to import warp" lines.
 
     mujoco-mjx prints them (plain print, not a warning) when the optional NVIDIA Warp backend is absent, which
-    is the normal case here (we use MJX's JAX backend); command lines call this first so a user's first output
-    is not a false alarm. Anything else printed during the import is passed through.
+    is the normal case here (we use MJX's JAX backend). `cvpo_jax.envs` calls this before anything imports MJX
+    (brax imports it too, and every command line imports the envs before brax), so a user's first output is
+    not a false alarm. Anything else printed during the import is passed through.
     """
     import contextlib
     import io

@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-from cvpo_jax import import_mjx_quietly
-
 BENCHMARKS = {
     "estep": "the E-step dual solve (jaxopt L-BFGS-B) against SciPy SLSQP",
     "env": "env-steps/s of each MJX task against MuJoCo's C stepping",
@@ -27,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in BENCHMARKS:
         print(f"error: unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
-    import_mjx_quietly()
     module = importlib.import_module(f"cvpo_jax.benchmarks.{name}")
     return int(module.main(rest) or 0)
 

@@ -12,8 +12,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cvpo_jax import import_mjx_quietly
-
 ALLOWED = ("run", "episodes", "picture", "member")
 
 
@@ -81,7 +79,6 @@ def _draw_plain_path(env, policy, steps: int, seed: int, path: str, title: str) 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import_mjx_quietly()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         options = _parse(argv)

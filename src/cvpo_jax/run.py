@@ -16,8 +16,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cvpo_jax import import_mjx_quietly
-
 from cvpo_jax.config import ConfigError, RunConfig, fill_task_presets, from_yaml_file, load_config, to_yaml
 
 USAGE = """usage: python -m cvpo_jax.run [key=value ...]
@@ -188,7 +186,6 @@ def _progress_bar(cfg: RunConfig, total: int, initial: int):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import_mjx_quietly()
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE)
