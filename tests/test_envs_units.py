@@ -244,7 +244,8 @@ def test_obstacles_collide_only_with_the_robot():
         assert m.geom_contype[m.geom(name).id] == 0  # obstacles never collide with each other
 
 
-@pytest.mark.parametrize("argv", [["envs=point_gaol"], ["batches=1,x"], ["steps=0"], ["bogus"], ["colour=red"]])
+@pytest.mark.parametrize("argv", [["envs=point_gaol"], ["batches=1,x"], ["steps=0"], ["bogus"], ["colour=red"],
+                                  ["iterations=-1"], ["iterations=ten"]])
 def test_env_benchmark_bad_options_exit_2(argv, capsys):
     from cvpo_jax.benchmarks import env as env_bench
 
@@ -260,6 +261,13 @@ def test_render_cli_bad_options_exit_2(argv, capsys):
     assert render.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_env_benchmark_solver_budget_override_is_parsed():
+    from cvpo_jax.benchmarks import env as env_bench
+
+    assert env_bench._parse(["envs=car_goal1", "iterations=0"])["iterations"] == 0
+    assert env_bench._parse(["envs=car_goal1"])["iterations"] is None  # each robot's own budget
 
 
 def test_env_benchmark_compares_each_task_with_its_safety_gymnasium_counterpart():
