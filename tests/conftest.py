@@ -21,8 +21,14 @@ import pytest
 SPREAD_FILES = {"test_envs_all.py"}
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Group tests by file for `pytest -n 2 --dist loadgroup`, except the per-task smoke tests."""
+    """Group tests by file for `pytest -n 2 --dist loadgroup`, except the per-task smoke tests.
+
+    tryfirst: xdist's worker turns the `xdist_group` marks into node-id suffixes in its own hook of this name;
+    without it that hook ran before this one, saw no marks, and every file's tests were spread over both
+    workers, each worker then recomputing the module's shared runs and compiles.
+    """
     for item in items:
         name = os.path.basename(str(item.fspath))
         if name not in SPREAD_FILES:

@@ -1,8 +1,10 @@
 """Configuration: overrides, presets and one-line errors (no JAX compiles here)."""
 
+import numpy as np
 import pytest
 
-from cvpo_jax.config import ConfigError, RunConfig, load_config, member_cost_limits, to_yaml
+from cvpo_jax.config import ConfigError, RunConfig, load_config, to_yaml
+from cvpo_jax.core.members import SweepMembers
 
 NAMES = ["point_goal", "car_circle", "speed_limit"]
 
@@ -57,8 +59,30 @@ def test_bad_values_give_one_line_errors(arg, words):
 
 
 def test_sweep_members_cross_limits_with_seeds():
-    cfg = load_config(["num_seeds=2", "sweep.cost_limits=[5,10,20]"], NAMES)
-    assert member_cost_limits(cfg) == [5.0, 5.0, 10.0, 10.0, 20.0, 20.0]
+    cfg = load_config(["num_seeds=2", "seed=3", "sweep.cost_limits=[5,10,20]", "episode_length=400",
+                       "cost_limit=10"], NAMES)
+    members = SweepMembers.from_config(cfg)
+    assert members.size == 6
+    assert members.cost_limits == (5.0, 5.0, 10.0, 10.0, 20.0, 20.0)  # seeds vary fastest
+    assert members.seeds == (3, 4, 3, 4, 3, 4)
+    # ε1 = limit (1 − γ^T) / (T (1 − γ)) with CVPO's γ 0.99 and T 400 (Appendix B.1).
+    expected = [limit * (1 - 0.99 ** 400) / (400 * 0.01) for limit in members.cost_limits]
+    np.testing.assert_allclose(members.cost_thresholds, expected, rtol=1e-12)
+    settings = members.settings()
+    np.testing.assert_allclose(settings.cost_limit, members.cost_limits)
+    np.testing.assert_allclose(settings.kl_bound, [0.1] * 6)
+    keys = np.asarray(members.keys())
+    assert keys.shape == (6, 2) and (keys[0] == keys[2]).all() and not (keys[0] == keys[1]).all()
+    first, later = np.asarray(members.eval_keys(0)), np.asarray(members.eval_keys(10))
+    assert not (first == later).all() and not (first[0] == keys[0]).all()
+    assert members.labels()[5] == "member 5 (seed 4, cost limit 20)"
+
+
+def test_sweep_members_use_the_algorithms_own_discount():
+    cfg = load_config(["algo=sac_lag", "offpolicy.gamma=0.9", "episode_length=10", "cost_limit=1"], NAMES)
+    assert SweepMembers.from_config(cfg).cost_thresholds[0] == pytest.approx((1 - 0.9 ** 10) / (10 * 0.1))
+    with pytest.raises(ValueError, match="fill_task_presets"):
+        SweepMembers.from_config(load_config([], NAMES))
 
 
 def test_yaml_round_trip(tmp_path):

@@ -1,4 +1,5 @@
-"""CSC (baselines/csc.py): the CQL(ζ) penalty, the rejection rule, the λ step, and learning on `speed_limit`."""
+"""CSC (baselines/csc.py): the CQL(ζ) penalty, the rejection rule, the λ step, the failure counts, the
+critic and policy steps against NumPy, and learning on `speed_limit`."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy import stats
 
 from cvpo_jax import policy as gaussian
 from cvpo_jax import run
 from cvpo_jax.baselines import csc
-from cvpo_jax.learner import MemberSettings
+from cvpo_jax.baselines.natural_gradient import PolicyStepSettings
+from cvpo_jax.core import replay
+from cvpo_jax.core.contracts import MemberSettings, Rollout
+from cvpo_jax.core.gradients import gradient_step
 from cvpo_jax.networks import GaussianPolicyNet, SingleQ
 
 
@@ -84,11 +89,9 @@ def _fit_on_fixed_batch(alpha: float):
     @jax.jit
     def train(params):
         def step(carry, _):
-            params, opt_state = carry
-            grads = jax.grad(lambda p: csc.safety_critic_loss(
-                p, net.apply, obs, data_action, policy_action, bellman_target(data_action), alpha)[0])(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), None
+            stepped = gradient_step(csc.safety_critic_loss, *carry, optimizer, net.apply, obs, data_action,
+                                    policy_action, bellman_target(data_action), alpha, has_aux=True)
+            return (stepped.params, stepped.opt_state), None
 
         (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=1500)
         return params
@@ -195,6 +198,207 @@ def test_rejection_threshold_and_lambda_update_by_hand():
     # Projected to λ ≥ 0: 0.01 + 0.04·(0 − 2) < 0.
     assert float(csc.lambda_update(jnp.float32(0.01), jnp.float32(0.0), jnp.float32(2.0), jnp.float32(0.0),
                                    0.99, 0.04)) == 0.0
+
+
+# ------------------------------------------------------------------------------ the learner's pure pieces
+
+
+def test_count_failures_matches_a_python_loop():
+    rng = np.random.default_rng(4)
+    t, e = 23, 4
+    cost = (rng.uniform(size=(t, e)) < 0.2).astype(np.float32) * rng.integers(1, 3, size=(t, e))
+    ends = np.zeros((t, e), np.float32)
+    ends[[4, 9, 20], 0] = 1  # several episodes in one env
+    ends[22, 1] = 1  # one, at the window's last step
+    ends[[3, 7], 3] = 1  # env 2 never ends an episode
+    running0 = np.array([0.0, 2.0, 1.0, 0.0], np.float32)  # episodes carried over from earlier rollouts
+    counts = jax.jit(csc.count_failures)(jnp.asarray(running0), jnp.asarray(cost), jnp.asarray(ends))
+
+    running, ended, events, failed = running0.astype(np.float64), 0, 0.0, 0
+    for step in range(t):
+        for env in range(e):
+            running[env] += cost[step, env]
+            if ends[step, env]:
+                ended, events, failed = ended + 1, events + running[env], failed + int(running[env] > 0)
+                running[env] = 0.0
+    np.testing.assert_allclose(counts.running_cost, running)
+    assert int(counts.ended) == ended == 6
+    assert float(counts.events) == pytest.approx(events)
+    assert int(counts.failed) == failed
+
+
+def test_insert_rollout_appends_the_clipped_steps_in_time_order():
+    t, e, o, a = 3, 2, 2, 1
+    rng = np.random.default_rng(6)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    rollout = Rollout(obs=f32(rng.normal(size=(t, e, o))), action=f32(2.0 * rng.normal(size=(t, e, a))),
+                      log_prob=f32(np.zeros((t, e))), reward=f32(rng.normal(size=(t, e))),
+                      cost=f32(rng.uniform(size=(t, e))), next_obs=f32(rng.normal(size=(t, e, o))),
+                      terminal=f32(np.zeros((t, e))), truncated=f32(np.eye(t, e)))
+    example = replay.Transition(obs=jnp.zeros(o), action=jnp.zeros(a), reward=jnp.zeros(()), cost=jnp.zeros(()),
+                                next_obs=jnp.zeros(o), terminal=jnp.zeros(()), truncated=jnp.zeros(()))
+    buffer = jax.jit(csc.insert_rollout)(replay.init(example, 8), rollout)
+    assert int(buffer.size) == t * e and int(buffer.insert_at) == t * e
+    np.testing.assert_array_equal(buffer.data.obs[:t * e], np.asarray(rollout.obs).reshape(t * e, o))
+    np.testing.assert_array_equal(buffer.data.action[:t * e],
+                                  np.clip(np.asarray(rollout.action), -1, 1).reshape(t * e, a))
+    np.testing.assert_array_equal(buffer.data.truncated[:t * e], np.asarray(rollout.truncated).ravel())
+
+
+def test_critic_updates_match_numpy_sgd_on_a_one_transition_buffer():
+    """Every buffer row the same transition and a policy with zero scale, so the steps are deterministic:
+    y = c + γ Q'(s', clip(μ(s'))), loss α(−Q(s, clip(μ(s))) + Q(s, a)) + ½(Q(s, a) − y)², SGD, then polyak."""
+    o, a, k, steps = 3, 2, 4, 3
+    rng = np.random.default_rng(7)
+    s, s_next = rng.normal(size=o), rng.normal(size=o)
+    data_action, cost = np.array([0.3, -1.0]), 0.7
+    policy_params = 2.0 * rng.normal(size=(o, a))  # means beyond the action box on some dimensions
+    settings = csc.CriticSettings(updates=steps, batch_size=5, num_particles=k, cql_alpha=0.4, polyak=0.9,
+                                  gamma=0.95)
+    lr, w0, target0 = 0.05, rng.normal(size=o + a), rng.normal(size=o + a)
+
+    def apply_policy(params, obs):  # [B, O] -> Gaussian [B] with zero scale: every draw is the mean
+        mean = obs @ params
+        return gaussian.Gaussian(mean=mean, scale_tril=jnp.zeros(mean.shape + (a,)))
+
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    example = replay.Transition(obs=f32(s), action=f32(data_action), reward=f32(0.0), cost=f32(cost),
+                                next_obs=f32(s_next), terminal=f32(1.0), truncated=f32(0.0))
+    buffer = replay.insert(replay.init(example, 4), jax.tree.map(lambda x: jnp.stack([x] * 4), example))
+    optimizer = optax.sgd(lr)
+    update = jax.jit(lambda w, target, buffer, key: csc.critic_updates(
+        _linear_q, apply_policy, optimizer, w, target, optimizer.init(w), f32(policy_params), buffer, key,
+        settings))
+    result = update(f32(w0), f32(target0), buffer, jax.random.PRNGKey(0))
+
+    x_data = np.concatenate([s, data_action])
+    x_policy = np.concatenate([s, np.clip(s @ policy_params, -1, 1)])
+    x_next = np.concatenate([s_next, np.clip(s_next @ policy_params, -1, 1)])
+    w, target, losses, targets = w0, target0, [], []
+    for _ in range(steps):
+        y = cost + settings.gamma * x_next @ target  # unmasked although `terminal` is set (critics.cost_target)
+        error = x_data @ w - y
+        losses.append(settings.cql_alpha * (x_data - x_policy) @ w + 0.5 * error ** 2)
+        targets.append(y)
+        w = w - lr * (settings.cql_alpha * (x_data - x_policy) + error * x_data)
+        target = settings.polyak * target + (1 - settings.polyak) * w
+    np.testing.assert_allclose(result.params, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.target, target, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.aux["loss"], np.mean(losses), rtol=1e-5)
+    np.testing.assert_allclose(result.aux["target"], np.mean(targets), rtol=1e-5)
+
+
+def _np_gaussian_log_prob(mean, tril, x):
+    return stats.multivariate_normal(mean, tril @ tril.T).logpdf(x)
+
+
+def test_csc_surrogate_matches_numpy():
+    """E[ρ·Â_R] − λ′·E_{a~π_old}[ρ·Â_C] + c_H·entropy, with full-covariance Gaussians (SciPy densities)."""
+    rng = np.random.default_rng(8)
+    n, k, a = 6, 4, 2
+
+    def random_dist():  # means [N, A], Cholesky factors [N, A, A]
+        tril = np.tril(rng.normal(size=(n, a, a)) * 0.3)
+        tril[:, range(a), range(a)] = rng.uniform(0.4, 1.0, size=(n, a))
+        return rng.normal(size=(n, a)), tril
+
+    def log_probs(dist, x):  # x [N, A] or [N, K, A]
+        return np.stack([_np_gaussian_log_prob(dist[0][i], dist[1][i], x[i]) for i in range(n)])
+
+    def draw(dist, size=None):
+        return np.stack([rng.multivariate_normal(dist[0][i], dist[1][i] @ dist[1][i].T, size=size)
+                         for i in range(n)])
+
+    old, new = random_dist(), random_dist()
+    action, particles = draw(old), draw(old, k)  # [N, A], [N, K, A]
+    cost_adv = rng.normal(size=(n, k))
+    data = dict(action=action, old_log_prob=log_probs(old, action), reward_advantage=rng.normal(size=n),
+                particles=particles, particle_log_prob=log_probs(old, particles),
+                cost_advantage=cost_adv - cost_adv.mean(1, keepdims=True))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    batch = csc.CSCPolicyBatch(obs=jnp.zeros((n, 1)), **{key: f32(v) for key, v in data.items()})
+    lam_prime, entropy_coef = 2.5, 0.01
+    surrogate = jax.jit(csc.csc_surrogate, static_argnums=3)
+    value, cost_term = surrogate(gaussian.Gaussian(f32(new[0]), f32(new[1])), batch, lam_prime, entropy_coef)
+
+    ratio = np.exp(log_probs(new, action) - data["old_log_prob"])  # [N]
+    particle_ratio = np.exp(log_probs(new, particles) - data["particle_log_prob"])  # [N, K]
+    expected_cost = np.mean(particle_ratio * data["cost_advantage"])
+    entropy = np.mean([stats.multivariate_normal(new[0][i], new[1][i] @ new[1][i].T).entropy() for i in range(n)])
+    expected = np.mean(ratio * data["reward_advantage"]) - lam_prime * expected_cost + entropy_coef * entropy
+    np.testing.assert_allclose(cost_term, expected_cost, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-6)
+    # At π_old every ratio is 1: the cost term is the mean of the (per-state centred) Â_C, zero.
+    _, old_cost_term = surrogate(gaussian.Gaussian(f32(old[0]), f32(old[1])), batch, lam_prime, entropy_coef)
+    assert abs(float(old_cost_term)) < 1e-5
+
+
+def test_csc_policy_step_is_the_natural_gradient_step_on_its_surrogate():
+    """On a linear-Gaussian policy: the full step is √(2δ / gᵀ(F + dI)⁻¹g)·(F + dI)⁻¹g with
+    g = mean_n Â_R ∇log π(a_n) − λ′·mean_nk Â_C ∇log π(particle_nk) and F the dense KL Hessian, the line search
+    takes the candidate a NumPy check takes, and csc/cost_advantage_new is the cost term at the new policy."""
+    rng = np.random.default_rng(9)
+    n, k, o, a = 30, 5, 3, 2
+    sigma = np.array([0.6, 0.9])
+    obs = rng.normal(size=(n, o))
+    theta = 0.3 * rng.normal(size=o * a)
+
+    def apply_policy(flat, obs):
+        mean = obs @ jnp.reshape(flat, (o, a))
+        scale_tril = jnp.broadcast_to(jnp.diag(jnp.asarray(sigma, mean.dtype)), mean.shape + (a,))
+        return gaussian.Gaussian(mean=mean, scale_tril=scale_tril)
+
+    def np_mean(th):
+        return obs @ th.reshape(o, a)
+
+    def np_log_prob(th, x):  # x [N, (K,) A]
+        mu = np_mean(th) if x.ndim == 2 else np_mean(th)[:, None]
+        return -0.5 * np.sum(((x - mu) / sigma) ** 2, -1) - np.sum(np.log(sigma)) - a * np.log(2 * np.pi) / 2
+
+    action = np_mean(theta) + sigma * rng.normal(size=(n, a))
+    particles = np_mean(theta)[:, None] + sigma * rng.normal(size=(n, k, a))
+    cost_adv = rng.normal(size=(n, k)) + 2.0 * (particles[..., 0] - np_mean(theta)[:, None, 0])
+    data = dict(action=action, old_log_prob=np_log_prob(theta, action), reward_advantage=rng.normal(size=n),
+                particles=particles, particle_log_prob=np_log_prob(theta, particles), cost_advantage=cost_adv)
+    batch = csc.CSCPolicyBatch(obs=jnp.asarray(obs, jnp.float32),
+                               **{key: jnp.asarray(v, jnp.float32) for key, v in data.items()})
+    lam_prime = 1.5
+    settings = PolicyStepSettings(target_kl=0.02, entropy_coef=0.0, cg_iterations=3 * o * a, cg_damping=0.1,
+                                  line_search_steps=10, backtrack_coeff=0.8, ppo_epochs=1, num_minibatches=1,
+                                  ppo_clip=0.2)
+    step = jax.jit(lambda th, b, lp: csc.policy_step(apply_policy, th, b, lp, settings))(
+        jnp.asarray(theta, jnp.float32), batch, jnp.float32(lam_prime))
+
+    def score(x, weights):  # mean over all of weights·∇θ log π(x | s), flat [P]
+        mu = np_mean(theta) if x.ndim == 2 else np_mean(theta)[:, None]
+        residual = weights[..., None] * (x - mu) / sigma ** 2  # [N, (K,) A]
+        if x.ndim == 3:
+            residual = residual.mean(1)
+        return (obs.T @ residual / n).ravel()
+
+    g = score(action, data["reward_advantage"]) - lam_prime * score(particles, cost_adv)
+    fisher = np.kron(obs.T @ obs / n, np.diag(1.0 / sigma ** 2))
+    v = np.linalg.solve(fisher + settings.cg_damping * np.eye(o * a), g)
+    full_step = np.sqrt(2 * settings.target_kl / (g @ v)) * v
+    np.testing.assert_allclose(step.full_step, full_step, rtol=2e-3, atol=1e-6)
+
+    def np_surrogate(th):
+        reward = np.mean(np.exp(np_log_prob(th, action) - data["old_log_prob"]) * data["reward_advantage"])
+        cost = np.mean(np.exp(np_log_prob(th, particles) - data["particle_log_prob"]) * cost_adv)
+        return reward - lam_prime * cost, cost
+
+    def np_kl(th):
+        return np.mean(0.5 * np.sum(((np_mean(th) - np_mean(theta)) / sigma) ** 2, -1))
+
+    j = next((j for j in range(10) if np_kl(theta + 0.8 ** j * full_step) <= settings.target_kl
+              and np_surrogate(theta + 0.8 ** j * full_step)[0] > np_surrogate(theta)[0]), -1)
+    assert int(step.metrics["policy/line_search_step"]) == j >= 0
+    new_theta = theta + 0.8 ** j * full_step
+    np.testing.assert_allclose(step.params, new_theta, rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(step.metrics["csc/cost_advantage_new"],
+                               np_surrogate(new_theta)[1] - np_surrogate(theta)[1], rtol=5e-3, atol=1e-6)
+    # The λ′ term pushes the policy away from the costly particles: the cost term falls.
+    assert float(step.metrics["csc/cost_advantage_new"]) < 0
 
 
 # A tiny CSC run on speed_limit (episodes of 50 steps, cost limit 5): one rollout of 8 envs per update.

@@ -17,7 +17,8 @@ import pytest
 from scipy.optimize import brentq, minimize
 from scipy.special import logsumexp, softmax
 
-from cvpo_jax.estep import DualSolution, cost_threshold_from_episode_limit, dual_function, solve_dual
+from cvpo_jax.core.members import cost_threshold_from_episode_limit
+from cvpo_jax.estep import DualSolution, dual_function, solve_dual
 
 B, K = 16, 8
 EPS = 0.1

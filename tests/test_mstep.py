@@ -12,6 +12,8 @@ from scipy import stats
 from cvpo_jax import networks
 from cvpo_jax.mstep import (
     MStepDuals,
+    MStepSettings,
+    MStepTargets,
     init_mstep_duals,
     mstep_dual_loss,
     mstep_loss,
@@ -155,10 +157,9 @@ def run_mstep(setup):
 
     @jax.jit
     def run(params, hyper):
-        return mstep_update(
-            params, optimizer.init(params), init_mstep_duals(), optimizer, setup.apply,
-            setup.obs, setup.particles, setup.weights, setup.old, num_steps=NUM_STEPS, **hyper,
-        )
+        targets = MStepTargets(setup.obs, setup.particles, setup.weights, setup.old)
+        return mstep_update(params, optimizer.init(params), init_mstep_duals(), optimizer, setup.apply, targets,
+                            MStepSettings(**hyper), num_steps=NUM_STEPS)
 
     return run
 
@@ -226,12 +227,11 @@ def test_scan_equals_python_loop(setup):
     for _ in range(2):
         params, opt_state, duals = loop_step(params, opt_state, duals)
 
-    scanned = jax.jit(
-        functools.partial(mstep_update, optimizer=optimizer, apply_policy=setup.apply, num_steps=2, **kw)
-    )
+    scanned = jax.jit(functools.partial(mstep_update, optimizer=optimizer, apply_policy=setup.apply,
+                                        settings=MStepSettings(**kw), num_steps=2))
     got_params, _, got_duals, _ = scanned(
         setup.old_params, optimizer.init(setup.old_params), init_mstep_duals(),
-        obs=setup.obs, particles=setup.particles, weights=setup.weights, old=setup.old,
+        targets=MStepTargets(setup.obs, setup.particles, setup.weights, setup.old),
     )
     for got, want in zip(jax.tree.leaves((got_params, got_duals)), jax.tree.leaves((params, duals))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from cvpo_jax import networks
-from cvpo_jax.policy import Gaussian, entropy, kl, kl_covariance, kl_mean, log_prob, sample
+from cvpo_jax.policy import Gaussian, action_in_box, entropy, kl, kl_covariance, kl_mean, log_prob, sample
 
 A = 3  # action size: large enough that off-diagonal terms matter
 
@@ -204,3 +204,13 @@ def test_policy_net_outputs_valid_gaussian(covariance):
 def test_policy_net_rejects_unknown_covariance():
     with pytest.raises(ValueError):
         networks.make_networks(5, A, covariance="spherical")
+
+
+def test_action_in_box_is_the_clipped_mean_or_the_clipped_draw():
+    rng = np.random.default_rng(3)
+    dist = _random_gaussian(rng, batch=(64,))
+    dist = dist._replace(mean=3.0 * dist.mean)  # means outside the box on some rows
+    np.testing.assert_array_equal(action_in_box(dist, jax.random.PRNGKey(0), True), np.clip(dist.mean, -1, 1))
+    drawn = np.asarray(action_in_box(dist, jax.random.PRNGKey(1), False))
+    np.testing.assert_array_equal(drawn, np.clip(np.asarray(sample(dist, jax.random.PRNGKey(1), 1))[:, 0], -1, 1))
+    assert drawn.shape == (64, A) and np.abs(drawn).max() <= 1.0 and (np.abs(drawn) == 1.0).any()

@@ -22,6 +22,7 @@ from cvpo_jax import checkpoint, run
 # 15 chunks of 400 env steps per member; evaluations every 1000.
 LEARN = ["sweep.cost_limits=[5,1000]", "total_env_steps=6000", "eval_every_env_steps=1000",
          "checkpoint_every_env_steps=400"]
+SHORT_ENV_STEPS = 2000  # the killed-and-resumed run
 TINY = [
     "env=speed_limit", "network.hidden=[32,32]", "cvpo.batch_size=64", "cvpo.num_particles=16",
     "num_envs=4", "chunk_env_steps=400", "warmup_env_steps=200", "cvpo.gamma=0.9", "cvpo.polyak=0.95",
@@ -45,24 +46,26 @@ def _rows(run_dir: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _final_params(run_dir: str):
+def _params(run_dir: str, iteration=None):
+    """The policy and critics of every member at checkpoint `iteration` (default: the latest)."""
     cfg = run.resolve([f"resume={run_dir}"])
     from cvpo_jax import envs
     from cvpo_jax.algorithms import make_trainer
-    from cvpo_jax.trainer import member_keys
+    from cvpo_jax.core.members import SweepMembers
 
-    trainer = make_trainer(cfg, envs.make(cfg.env), cfg.episode_length)
-    like = jax.eval_shape(trainer.init, member_keys(cfg))
+    trainer = make_trainer(cfg, envs.make(cfg.env))
+    like = jax.eval_shape(trainer.init, SweepMembers.from_config(cfg).keys())
     like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), like)
-    state = checkpoint.restore(run_dir, checkpoint.latest_iteration(run_dir), like)
-    return state.learner.params
+    iteration = checkpoint.latest_iteration(run_dir) if iteration is None else iteration
+    return checkpoint.restore(run_dir, iteration, like).learner.params
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave modules, which tears module fixtures down
 def learning_run(tmp_path_factory):
     """CVPO (cost limit 5) and the same learner with a limit it never meets (1000), side by side."""
     out = tmp_path_factory.mktemp("runs")
-    code = run.main(TINY + LEARN + [f"out_dir={out}", "run_name=learn"])
+    # Every checkpoint kept, so that a shorter killed-and-resumed run has its uninterrupted reference here.
+    code = run.main(TINY + LEARN + [f"out_dir={out}", "run_name=learn", "checkpoints_kept=100"])
     assert code == 0
     return str(out / "learn")
 
@@ -90,7 +93,11 @@ def test_run_directory_contents(learning_run):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(learning_run, tmp_path):
-    command = [sys.executable, "-m", "cvpo_jax.run", *TINY, *LEARN, f"out_dir={tmp_path}", "run_name=killed"]
+    """A run SIGKILLed after its first checkpoint and resumed ends bit for bit where the uninterrupted run
+    stood at the same iteration (the whole state is checkpointed: learner, replay, envs, key). It is 2000
+    env steps long, a third of the learning run, whose checkpoint at that iteration is the reference."""
+    short = [f"total_env_steps={SHORT_ENV_STEPS}"]
+    command = [sys.executable, "-m", "cvpo_jax.run", *TINY, *LEARN, *short, f"out_dir={tmp_path}", "run_name=killed"]
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(command, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -102,11 +109,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(learning_run, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    end = SHORT_ENV_STEPS // 4  # iterations of 4 envs
     survived = checkpoint.latest_iteration(str(killed_dir))
-    assert survived is not None and survived < 1500
+    assert survived is not None and survived < end
 
     assert run.main([f"resume={killed_dir}"]) == 0
-    resumed, uninterrupted = _final_params(str(killed_dir)), _final_params(learning_run)
+    assert checkpoint.latest_iteration(str(killed_dir)) == end
+    resumed, uninterrupted = _params(str(killed_dir)), _params(learning_run, end)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
         np.testing.assert_array_equal(a, b)
     steps = [int(r["env_steps"]) for r in _rows(str(killed_dir)) if r["member"] == "0"]
@@ -131,6 +140,7 @@ def test_non_finite_update_stops_the_run_and_keeps_the_checkpoint(learning_run, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and "non-finite" in err[0] and "last good checkpoint" in err[0]
+    assert "member 0 (seed 0, cost limit 5)" in err[0]  # the message names the members that went bad
     assert checkpoint.latest_iteration(str(run_dir)) == before
 
 
@@ -159,10 +169,11 @@ def test_print_config_shows_resolved_presets(capsys):
     assert "episode_length: 400" in out and "cost_limit: 10.0" in out and "kl_bound: 0.05" in out
 
 
-@pytest.mark.slow
 def test_members_shard_over_two_fake_devices(tmp_path):
     env = _subprocess_env()
+    # Two fake CPU devices; the platform is forced too, or a machine with one GPU would run on it.
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
         [sys.executable, "-m", "cvpo_jax.run", *TINY, "num_seeds=2", "devices=2", "total_env_steps=800",
          f"out_dir={tmp_path}", "run_name=sharded"], capture_output=True, text=True, env=env, timeout=600)

@@ -1,32 +1,91 @@
-"""Which trainer and learner `algo=` selects.
+"""The algorithm table: the one list of what `algo=` may name, each with its trainer and learner factory.
 
-Off-policy methods (CVPO and the Lagrangian SAC/TD3/DDPG) share the replay trainer of `trainer.py`; the
-on-policy methods (PPO-Lag, TRPO-Lag, CPO, TRPO) and CSC share the rollout trainer of
-`baselines/rollout_trainer.py`. Both return the same `Trainer`, so the run command, checkpoints, metrics,
-evaluation and benchmarks do not care which method runs.
+Configuration validation, the run command's help, the benchmarks and `make_trainer` all read `ALGORITHMS`;
+adding a method is one module with a learner factory and one row here. Factories are named as
+"module:function" and imported only when used, so that parsing a command line imports no learner.
+
+A learner factory is `factory(cfg: RunConfig, observation_size, action_size) -> learner`, where the learner
+is a `core.contracts.OffPolicyLearner` for the replay trainer or an `OnPolicyLearner` for the rollout
+trainer; `cfg.episode_length` and `cfg.cost_limit` are resolved (`config.fill_task_presets`) by then.
 """
 
 from __future__ import annotations
 
-from brax.envs.base import Env
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
-from cvpo_jax.config import OFF_POLICY_ALGORITHMS, ON_POLICY_ALGORITHMS, RunConfig
-from cvpo_jax.trainer import Trainer
+if TYPE_CHECKING:
+    from brax.envs.base import Env
+
+    from cvpo_jax.config import RunConfig
+    from cvpo_jax.core.contracts import Trainer
+
+REPLAY, ROLLOUT = "replay", "rollout"
 
 
-def make_trainer(cfg: RunConfig, env: Env, episode_length: int) -> Trainer:
-    if cfg.algo == "cvpo":
-        from cvpo_jax.trainer import make_trainer as make_replay_trainer
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    trainer: str  # REPLAY (off-policy, core/replay_trainer.py) or ROLLOUT (on-policy, core/rollout_trainer.py)
+    learner_factory: str  # "module:function"
+    summary: str  # one line for the help text
+    gamma_key: str  # the config key of its discount (the per-state cost threshold ε1 is computed with it)
+    replay_batch_key: Optional[str] = None  # config key of its replay minibatch (replay_capacity must hold it)
 
-        return make_replay_trainer(cfg, env, episode_length)
-    if cfg.algo in OFF_POLICY_ALGORITHMS:
-        from cvpo_jax.baselines.off_policy import make_off_policy_learner
-        from cvpo_jax.trainer import make_trainer as make_replay_trainer
+    def make_learner(self, cfg: "RunConfig", observation_size: int, action_size: int):
+        module, function = self.learner_factory.split(":")
+        return getattr(importlib.import_module(module), function)(cfg, observation_size, action_size)
 
-        learner = make_off_policy_learner(cfg, env.observation_size, env.action_size)
-        return make_replay_trainer(cfg, env, episode_length, learner=learner)
-    if cfg.algo in ON_POLICY_ALGORITHMS:
-        from cvpo_jax.baselines.rollout_trainer import make_rollout_trainer
 
-        return make_rollout_trainer(cfg, env, episode_length)
-    raise ValueError(f"unknown algorithm {cfg.algo!r}")
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("cvpo", REPLAY, "cvpo_jax.cvpo:make_cvpo_learner",
+              "Constrained Variational Policy Optimization (the default)", "cvpo.gamma", "cvpo.batch_size"),
+    Algorithm("sac_lag", REPLAY, "cvpo_jax.baselines.off_policy:make_sac_lag_learner",
+              "SAC with a PID Lagrange multiplier", "offpolicy.gamma", "offpolicy.batch_size"),
+    Algorithm("td3_lag", REPLAY, "cvpo_jax.baselines.off_policy:make_td3_lag_learner",
+              "TD3 with a PID Lagrange multiplier", "offpolicy.gamma", "offpolicy.batch_size"),
+    Algorithm("ddpg_lag", REPLAY, "cvpo_jax.baselines.off_policy:make_ddpg_lag_learner",
+              "DDPG with a PID Lagrange multiplier", "offpolicy.gamma", "offpolicy.batch_size"),
+    Algorithm("ppo_lag", ROLLOUT, "cvpo_jax.baselines.on_policy:make_ppo_lag_learner",
+              "PPO with a PID Lagrange multiplier", "onpolicy.gamma"),
+    Algorithm("trpo_lag", ROLLOUT, "cvpo_jax.baselines.on_policy:make_trpo_lag_learner",
+              "TRPO with a PID Lagrange multiplier", "onpolicy.gamma"),
+    Algorithm("cpo", ROLLOUT, "cvpo_jax.baselines.on_policy:make_cpo_learner",
+              "Constrained Policy Optimization", "onpolicy.gamma"),
+    Algorithm("trpo", ROLLOUT, "cvpo_jax.baselines.on_policy:make_trpo_learner",
+              "unconstrained TRPO (the cost is only logged)", "onpolicy.gamma"),
+    Algorithm("csc", ROLLOUT, "cvpo_jax.baselines.csc:make_csc_learner",
+              "Conservative Safety Critics", "onpolicy.gamma", "csc.batch_size"),
+)}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(ALGORITHMS)
+
+
+def get(name: str) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+def config_value(cfg: "RunConfig", key: str):
+    """The value of a dotted config key, e.g. config_value(cfg, "cvpo.gamma")."""
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def make_trainer(cfg: "RunConfig", env: "Env") -> "Trainer":
+    """The trainer of `cfg.algo` on `env`, driving a fresh learner of that algorithm."""
+    algorithm = get(cfg.algo)
+    learner = algorithm.make_learner(cfg, env.observation_size, env.action_size)
+    if algorithm.trainer == REPLAY:
+        from cvpo_jax.core.replay_trainer import make_replay_trainer
+
+        return make_replay_trainer(cfg, env, learner)
+    from cvpo_jax.core.rollout_trainer import make_rollout_trainer
+
+    return make_rollout_trainer(cfg, env, learner)

@@ -1,7 +1,8 @@
 """Checkpoints of the whole training state (learner, replay, environments, keys) with orbax.
 
 Saves are synchronous and orbax commits each one atomically (written aside, then renamed), so a run killed
-at any moment, SIGKILL included, keeps its last complete checkpoint. Two are kept.
+at any moment, SIGKILL included, keeps its last complete checkpoint. The newest `keep` are kept (the run
+option `checkpoints_kept`, default 2).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def _manager(run_dir: str) -> ocp.CheckpointManager:
+def _manager(run_dir: str, keep: Optional[int] = None) -> ocp.CheckpointManager:
+    """keep: how many checkpoints a save leaves (None: all; readers never delete)."""
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(run_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False),
     )
 
 
@@ -26,9 +28,9 @@ def _non_empty_leaves(tree: Any) -> dict[str, Any]:
     return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree)) if leaf.size}
 
 
-def save(run_dir: str, iteration: int, state: Any) -> None:
-    """Save `state` as the checkpoint of `iteration` (iterations done per member)."""
-    manager = _manager(run_dir)
+def save(run_dir: str, iteration: int, state: Any, keep: int = 2) -> None:
+    """Save `state` as the checkpoint of `iteration` (iterations done per member), keeping the newest `keep`."""
+    manager = _manager(run_dir, keep)
     manager.save(iteration, args=ocp.args.StandardSave(_non_empty_leaves(state)))
     manager.wait_until_finished()
     manager.close()

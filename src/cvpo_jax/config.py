@@ -200,8 +200,7 @@ class RunConfig:
     env: str = "point_goal"
     """Task name; see cvpo_jax.envs.names()."""
     algo: str = "cvpo"
-    """Training algorithm: cvpo; off-policy sac_lag, td3_lag, ddpg_lag; on-policy ppo_lag, trpo_lag, cpo,
-    trpo; csc (Conservative Safety Critics)."""
+    """Training algorithm: a name in the table of `cvpo_jax.algorithms` (`python -m cvpo_jax.run help`)."""
     seed: int = 0
     """Base random seed; member i of the sweep uses seed + i."""
     num_seeds: int = 1
@@ -230,6 +229,8 @@ class RunConfig:
     """Evaluation episodes (run in parallel) with the policy mean."""
     checkpoint_every_env_steps: int = 20_000
     """Checkpoint interval; a killed run loses at most this much."""
+    checkpoints_kept: int = 2
+    """How many of the newest checkpoints a run keeps (older ones are deleted as new ones are written)."""
     out_dir: str = "runs"
     """Parent folder of run directories."""
     run_name: Optional[str] = None
@@ -248,10 +249,6 @@ class RunConfig:
     csc: CSCConfig = field(default_factory=CSCConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
-
-OFF_POLICY_ALGORITHMS = ("cvpo", "sac_lag", "td3_lag", "ddpg_lag")
-ON_POLICY_ALGORITHMS = ("ppo_lag", "trpo_lag", "cpo", "trpo", "csc")
-ALGORITHMS = OFF_POLICY_ALGORITHMS + ON_POLICY_ALGORITHMS
 
 # Per-task presets beyond the episode length and cost limit (which the tasks carry themselves). The CVPO
 # authors' Car-Circle settings (reference spec): more particles and M-step iterations, higher learning rates.
@@ -328,9 +325,12 @@ def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: RunConfig, env_names: Sequence[str]) -> None:
     """Reject impossible settings with a one-line ConfigError naming the key and what is allowed."""
+    from cvpo_jax import algorithms
+
     c = cfg.cvpo
     _check(cfg.env in env_names, "env", cfg.env, f"unknown environment; allowed: {', '.join(env_names)}")
-    _check(cfg.algo in ALGORITHMS, "algo", cfg.algo, f"unknown algorithm; allowed: {', '.join(ALGORITHMS)}")
+    _check(cfg.algo in algorithms.ALGORITHMS, "algo", cfg.algo,
+           f"unknown algorithm; allowed: {', '.join(algorithms.names())}")
     _check(cfg.num_seeds >= 1, "num_seeds", cfg.num_seeds, "must be >= 1")
     _check(cfg.devices >= 1, "devices", cfg.devices, "must be >= 1")
     _check(cfg.episode_length is None or cfg.episode_length >= 1, "episode_length", cfg.episode_length,
@@ -346,13 +346,16 @@ def validate(cfg: RunConfig, env_names: Sequence[str]) -> None:
            f"must be >= num_envs ({cfg.num_envs}): a chunk steps every environment at least once")
     _check(cfg.replay_capacity >= cfg.num_envs, "replay_capacity", cfg.replay_capacity,
            f"must be >= num_envs ({cfg.num_envs})")
-    if cfg.algo == "cvpo":
-        _check(cfg.replay_capacity >= c.batch_size, "replay_capacity", cfg.replay_capacity,
-               f"must be >= cvpo.batch_size ({c.batch_size})")
+    batch_key = algorithms.get(cfg.algo).replay_batch_key
+    if batch_key is not None:
+        batch_size = algorithms.config_value(cfg, batch_key)
+        _check(cfg.replay_capacity >= batch_size, "replay_capacity", cfg.replay_capacity,
+               f"must be >= {batch_key} ({batch_size})")
     _check(cfg.eval_every_env_steps >= 1, "eval_every_env_steps", cfg.eval_every_env_steps, "must be >= 1")
     _check(cfg.eval_episodes >= 1, "eval_episodes", cfg.eval_episodes, "must be >= 1")
     _check(cfg.checkpoint_every_env_steps >= 1, "checkpoint_every_env_steps", cfg.checkpoint_every_env_steps,
            "must be >= 1")
+    _check(cfg.checkpoints_kept >= 1, "checkpoints_kept", cfg.checkpoints_kept, "must be >= 1")
     _check(len(cfg.network.hidden) >= 1 and all(h >= 1 for h in cfg.network.hidden), "network.hidden",
            list(cfg.network.hidden), "must be a non-empty list of positive sizes, e.g. [256,256]")
     _check(cfg.network.covariance in ("full", "diag"), "network.covariance", cfg.network.covariance,
@@ -400,12 +403,6 @@ def _validate_baselines(cfg: RunConfig) -> None:
     for name in ("critic_updates", "batch_size", "max_resamples", "num_particles"):
         _check(getattr(csc, name) >= 1, f"csc.{name}", getattr(csc, name), "must be >= 1")
     _check(0.0 <= csc.polyak < 1.0, "csc.polyak", csc.polyak, "must be in [0, 1)")
-    if cfg.algo in ("sac_lag", "td3_lag", "ddpg_lag"):
-        _check(cfg.replay_capacity >= off.batch_size, "replay_capacity", cfg.replay_capacity,
-               f"must be >= offpolicy.batch_size ({off.batch_size})")
-    if cfg.algo == "csc":
-        _check(cfg.replay_capacity >= csc.batch_size, "replay_capacity", cfg.replay_capacity,
-               f"must be >= csc.batch_size ({csc.batch_size})")
 
 
 def fill_task_presets(cfg: "RunConfig", env) -> "RunConfig":
@@ -447,9 +444,3 @@ def from_yaml_file(path: str) -> RunConfig:
     except oc_errors.OmegaConfBaseException as e:
         raise ConfigError(f"{path}: not a config this version can read ({type(e).__name__})") from e
     return OmegaConf.to_object(loaded)  # type: ignore[return-value]
-
-
-def member_cost_limits(cfg: RunConfig) -> list[float]:
-    """The episodic cost limit of each sweep member, seeds varying fastest."""
-    limits = list(cfg.sweep.cost_limits) or [float(cfg.cost_limit)]  # type: ignore[arg-type]
-    return [limit for limit in limits for _ in range(cfg.num_seeds)]

@@ -7,10 +7,13 @@ sampled from the current policy (ORIG); the losses treat them as constants. Shap
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from cvpo_jax.core.gradients import gradient_step
 
 # apply_twin_q(params, obs [B, O], actions [B, A]) -> [B, 2]; apply_q(params, obs, actions) -> [B].
 ApplyTwinQ = Callable[[object, jax.Array, jax.Array], jax.Array]
@@ -111,3 +114,39 @@ def cost_critic_loss(
 def polyak_update(target: PyTree, online: PyTree, rho: float) -> PyTree:
     """ρ·target + (1 − ρ)·online, leaf by leaf, eq. (84). ρ = 0.995 (Table 1) moves the target slowly."""
     return jax.tree.map(lambda t, o: rho * t + (1.0 - rho) * o, target, online)
+
+
+class CriticOptimizers(NamedTuple):
+    """One optimiser per critic (ORIG keeps separate Adam optimisers)."""
+
+    reward: optax.GradientTransformation
+    cost: optax.GradientTransformation
+
+
+def critic_step(params, opt_states: tuple, optimizers: CriticOptimizers, nets, batch, reward_target: jax.Array,
+                cost_target: jax.Array):
+    """One gradient step of the twin reward critic and of the cost critic on their targets.
+
+    The step every replay learner shares (CVPO and the off-policy baselines); the targets are theirs to build.
+
+    Args:
+      params: `networks.NetworkParams` (only the critics move). opt_states: (reward, cost) optimiser states.
+      nets: `networks.Networks` (its critics' apply). batch: a replay `Transition` [B].
+      reward_target, cost_target: [B] Bellman targets (constants).
+
+    Returns:
+      (params, opt_states, metrics).
+    """
+    reward_opt_state, cost_opt_state = opt_states
+    reward = gradient_step(reward_critic_loss, params.reward_critic, reward_opt_state, optimizers.reward,
+                           nets.reward_critic.apply, batch.obs, batch.action, reward_target, has_aux=True)
+    cost = gradient_step(cost_critic_loss, params.cost_critic, cost_opt_state, optimizers.cost,
+                         nets.cost_critic.apply, batch.obs, batch.action, cost_target, has_aux=True)
+    params = params._replace(reward_critic=reward.params, cost_critic=cost.params)
+    metrics = {
+        "critic/reward_loss": reward.loss,
+        "critic/cost_loss": cost.loss,
+        "critic/reward_target": jnp.mean(reward_target),
+        "critic/cost_target": jnp.mean(cost_target),
+    }
+    return params, (reward.opt_state, cost.opt_state), metrics

@@ -40,7 +40,6 @@ import jaxopt
 
 __all__ = [
     "DualSolution",
-    "cost_threshold_from_episode_limit",
     "dual_function",
     "solve_dual",
 ]
@@ -81,21 +80,6 @@ class DualSolution(NamedTuple):
     iterations: Array  # [] / [B]  L-BFGS-B iterations used (≤ max_iter)
     converged: Array  # [] / [B]  projected-gradient residual ≤ tol at the end
     infeasible: Array  # [] / [B]  no q with KL ≤ ε reaches E_q[Q_c] ≤ ε1 (weights then ≈ minimise cost)
-
-
-def cost_threshold_from_episode_limit(limit: float, episode_length: int, gamma: float) -> float:
-    """Per-state cost threshold ε1 from an episodic cost limit (paper Appendix B.1).
-
-    ε1 = limit · (1 − γ^T) / (T · (1 − γ)): the discounted value of spreading `limit` evenly over the T steps
-    of an episode.  Limit 10, T 400, γ 0.99 → 2.455; limit 20, T 300 → 6.34.
-    """
-    if episode_length <= 0:
-        raise ValueError(f"episode_length must be positive, got {episode_length}")
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    if gamma == 1.0:  # the limit of the formula as γ → 1: no discounting
-        return float(limit) / episode_length
-    return float(limit) * (1.0 - gamma**episode_length) / (episode_length * (1.0 - gamma))
 
 
 def dual_function(
@@ -348,7 +332,7 @@ def solve_dual(
       q_r: [B, K] reward Q values of K particles (actions sampled from the old policy) in each of B states.
       q_c: [B, K] cost Q values of the same particles.
       cost_threshold: ε1, a scalar (per-state discounted cost threshold, see
-        `cost_threshold_from_episode_limit`).
+        `core.members.cost_threshold_from_episode_limit`).
       kl_bound: ε > 0, a scalar: the bound on KL(q ‖ old policy) (paper: 0.1).
       init: warm start: a previous `DualSolution` of the same form, or an (η, λ) pair in the units of the Q
         values (scalars; [B] or scalars for per_state).  Non-finite values select the default start, so a

@@ -98,9 +98,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import jax
 
     from cvpo_jax import checkpoint, envs
-    from cvpo_jax.config import from_yaml_file
     from cvpo_jax.algorithms import make_trainer
-    from cvpo_jax.trainer import eval_keys, member_keys
+    from cvpo_jax.config import from_yaml_file
+    from cvpo_jax.core.members import SweepMembers
 
     cfg = dataclasses.replace(from_yaml_file(os.path.join(run_dir, "config.yaml")), eval_episodes=episodes)
     iteration = checkpoint.latest_iteration(run_dir)
@@ -108,21 +108,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: run={run_dir}: no checkpoint yet", file=sys.stderr)
         return 2
     env = envs.make(cfg.env)
-    trainer = make_trainer(cfg, env, cfg.episode_length)
-    like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(trainer.init, member_keys(cfg)))
+    trainer = make_trainer(cfg, env)
+    members = SweepMembers.from_config(cfg)
+    like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(trainer.init, members.keys()))
     state = checkpoint.restore(run_dir, iteration, like)
-    num_members = jax.tree.leaves(state.learner.params)[0].shape[0]
+    num_members = members.size
     if not 0 <= member < num_members:
         print(f"error: member={member}: the run has members 0..{num_members - 1}", file=sys.stderr)
         return 2
 
-    metrics = jax.device_get(trainer.evaluate(state.learner.params, eval_keys(cfg, iteration + 1)))
+    metrics = jax.device_get(trainer.evaluate(state.learner.params, members.eval_keys(iteration + 1)))
     env_steps = iteration * cfg.num_envs
     print(f"{cfg.algo} on {cfg.env}, checkpoint at {env_steps} env steps per member, {episodes} episodes each")
-    print(f"{'member':>6} {'cost_limit':>10} {'episode_reward':>15} {'episode_cost':>13} {'cost_rate':>10}")
-    limits = list(cfg.sweep.cost_limits or [cfg.cost_limit])
+    print(f"{'member':>6} {'seed':>5} {'cost_limit':>10} {'episode_reward':>15} {'episode_cost':>13} {'cost_rate':>10}")
     for m in range(num_members):
-        print(f"{m:>6} {limits[m // cfg.num_seeds]:>10g} {metrics['eval/episode_reward'][m]:>15.3f} "
+        print(f"{m:>6} {members.seeds[m]:>5} {members.cost_limits[m]:>10g} "
+              f"{metrics['eval/episode_reward'][m]:>15.3f} "
               f"{metrics['eval/episode_cost'][m]:>13.3f} {metrics['eval/cost_rate'][m]:>10.4f}")
 
     picture = options.get("picture", os.path.join(run_dir, "rollout.png"))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from cvpo_jax import policy
+from cvpo_jax.core.gradients import gradient_step
 from cvpo_jax.policy import Gaussian
 
 # apply_policy(policy_params, obs [B, O]) -> Gaussian(mean [B, A], scale_tril [B, A, A]); e.g.
@@ -172,32 +173,50 @@ def _policy_kl_terms(policy_params, apply_policy: ApplyPolicy, obs: jax.Array, o
     return jnp.mean(policy.kl_mean(old, new)), jnp.mean(policy.kl_covariance(old, new))
 
 
+class MStepSettings(NamedTuple):
+    """The M-step's settings (paper Table 1 and ORIG; `from_config` reads them from `cvpo.*`)."""
+
+    kl_mean_bound: float  # ε_μ
+    kl_cov_bound: float  # ε_Σ
+    lr_mean: float = 1.0  # learning rate of α_μ (eq. 81)
+    lr_cov: float = 100.0  # learning rate of α_Σ (eq. 82)
+    max_mean: float = 0.1  # upper clip of α_μ (ORIG)
+    max_cov: float = 10.0  # upper clip of α_Σ (ORIG)
+    max_grad_norm: float | None = 0.01  # torch-style global-norm clip of the policy gradient; None: none
+    average_over_particles: bool = False  # see `mstep_loss`
+
+    @classmethod
+    def from_config(cls, c) -> "MStepSettings":
+        """From a `config.CVPOConfig`."""
+        return cls(kl_mean_bound=c.kl_mean_bound, kl_cov_bound=c.kl_cov_bound, lr_mean=c.dual_lr_mean,
+                   lr_cov=c.dual_lr_cov, max_mean=c.dual_max_mean, max_cov=c.dual_max_cov,
+                   max_grad_norm=c.actor_grad_clip, average_over_particles=c.mstep_mean_over_particles)
+
+
+class MStepTargets(NamedTuple):
+    """What the E-step hands the M-step: q*(a | s) on particles, and the old policy they came from."""
+
+    obs: jax.Array  # [B, O] replay states
+    particles: jax.Array  # [B, K, A] actions drawn from the old policy
+    weights: jax.Array  # [B, K] q*(a_bk | s_b), rows summing to 1
+    old: Gaussian  # the old (target) policy at obs: mean [B, A], scale_tril [B, A, A]
+
+
 def mstep_update(
     policy_params,
     opt_state: optax.OptState,
     duals: MStepDuals,
     optimizer: optax.GradientTransformation,
     apply_policy: ApplyPolicy,
-    obs: jax.Array,
-    particles: jax.Array,
-    weights: jax.Array,
-    old: Gaussian,
-    *,
+    targets: MStepTargets,
+    settings: MStepSettings,
     num_steps: int,
-    kl_mean_bound: float,
-    kl_cov_bound: float,
-    lr_mean: float = 1.0,
-    lr_cov: float = 100.0,
-    max_mean: float = 0.1,
-    max_cov: float = 10.0,
-    max_grad_norm: float | None = 0.01,
-    average_over_particles: bool = False,
 ) -> tuple[object, optax.OptState, MStepDuals, dict[str, jax.Array]]:
     """M iterations of gradient descent-ascent on eq. (79) with a `lax.scan` (num_steps static).
 
     Each iteration, in ORIG's order: (1) the multipliers step on the KL of the current θ (eqs. (81)-(82));
     (2) the policy takes one optimizer step on `mstep_loss` with the updated multipliers (eq. (83)),
-    its gradient first clipped to global norm `max_grad_norm` (ORIG: 0.01; None disables the clip,
+    its gradient first clipped to global norm `settings.max_grad_norm` (ORIG: 0.01; None disables the clip,
     torch's clip_grad_norm_ rule). `optimizer` is the actor's optax optimizer (ORIG: Adam at the actor lr).
 
     In practice the multipliers' caps (0.1, 10) cannot hold ε_μ = 1e-3 by themselves: at the optimum of
@@ -208,10 +227,9 @@ def mstep_update(
     Args:
       policy_params, opt_state: policy θ and its optimizer state.
       duals: multipliers carried over from the previous update.
-      obs [B, O], particles [B, K, A], weights [B, K], old (mean [B, A], scale_tril [B, A, A]):
-        see `mstep_loss`.
+      targets: the E-step's particles, weights and old policy (see `MStepTargets`, `mstep_loss`).
+      settings: bounds, multiplier steps and clips (see `MStepSettings`, `update_duals`).
       num_steps: M (static).
-      Other keywords: see `mstep_loss` and `update_duals`.
 
     Returns:
       (policy_params, opt_state, duals, metrics). metrics are scalars from the last iteration
@@ -219,18 +237,18 @@ def mstep_update(
       clipping, "alpha_mean", "alpha_cov"), plus "kl_mean_final"/"kl_cov_final" of the returned policy
       and their ratios to the bounds "kl_mean_rel"/"kl_cov_rel" (1 = on the bound).
     """
+    obs, old = targets.obs, targets.old
     loss_fn = functools.partial(
         mstep_loss,
         apply_policy=apply_policy,
         obs=obs,
-        particles=particles,
-        weights=weights,
+        particles=targets.particles,
+        weights=targets.weights,
         old=old,
-        kl_mean_bound=kl_mean_bound,
-        kl_cov_bound=kl_cov_bound,
-        average_over_particles=average_over_particles,
+        kl_mean_bound=settings.kl_mean_bound,
+        kl_cov_bound=settings.kl_cov_bound,
+        average_over_particles=settings.average_over_particles,
     )
-    grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def step(carry, _):
         params, opt_state, duals = carry
@@ -238,27 +256,15 @@ def mstep_update(
         # pass is the same computation as the one inside the loss below; XLA shares it.)
         c_mean, c_cov = _policy_kl_terms(params, apply_policy, obs, old)
         duals = update_duals(
-            duals,
-            c_mean,
-            c_cov,
-            kl_mean_bound=kl_mean_bound,
-            kl_cov_bound=kl_cov_bound,
-            lr_mean=lr_mean,
-            lr_cov=lr_cov,
-            max_mean=max_mean,
-            max_cov=max_cov,
+            duals, c_mean, c_cov,
+            kl_mean_bound=settings.kl_mean_bound, kl_cov_bound=settings.kl_cov_bound,
+            lr_mean=settings.lr_mean, lr_cov=settings.lr_cov, max_mean=settings.max_mean, max_cov=settings.max_cov,
         )
         # (83): one policy step on the penalised weighted maximum likelihood.
-        grads, aux = grad_fn(params, duals=duals)
-        grad_norm = optax.tree.norm(grads)
-        if max_grad_norm is not None:
-            # torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
-            scale = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
-            grads = jax.tree.map(lambda g: g * scale, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = dict(aux, grad_norm=grad_norm, alpha_mean=duals.alpha_mean, alpha_cov=duals.alpha_cov)
-        return (params, opt_state, duals), metrics
+        fit = gradient_step(loss_fn, params, opt_state, optimizer, has_aux=True,
+                            max_grad_norm=settings.max_grad_norm, duals=duals)
+        metrics = dict(fit.aux, grad_norm=fit.grad_norm, alpha_mean=duals.alpha_mean, alpha_cov=duals.alpha_cov)
+        return (fit.params, fit.opt_state, duals), metrics
 
     (policy_params, opt_state, duals), history = jax.lax.scan(
         step, (policy_params, opt_state, duals), None, length=num_steps
@@ -268,7 +274,7 @@ def mstep_update(
     metrics.update(
         kl_mean_final=final_mean,
         kl_cov_final=final_cov,
-        kl_mean_rel=final_mean / kl_mean_bound,
-        kl_cov_rel=final_cov / kl_cov_bound,
+        kl_mean_rel=final_mean / settings.kl_mean_bound,
+        kl_cov_rel=final_cov / settings.kl_cov_bound,
     )
     return policy_params, opt_state, duals, metrics

@@ -104,6 +104,15 @@ def sample(dist: Gaussian, key: jax.Array, num_samples: int) -> jax.Array:
     return dist.mean[..., None, :] + jnp.einsum("...ij,...kj->...ki", dist.scale_tril, noise)
 
 
+def action_in_box(dist: Gaussian, key: jax.Array, deterministic: bool) -> jax.Array:
+    """What a Gaussian policy executes: its mean (evaluation) or one draw, clipped to the action box [-1, 1].
+
+    dist: mean [N, A], scale_tril [N, A, A]. Returns [N, A].
+    """
+    action = dist.mean if deterministic else sample(dist, key, 1)[:, 0]
+    return jnp.clip(action, -1.0, 1.0)
+
+
 def entropy(dist: Gaussian) -> jax.Array:
     """Differential entropy ½ n (1 + ln 2π) + ½ ln|Σ|. # [*S]"""
     action_size = dist.mean.shape[-1]

@@ -20,13 +20,20 @@ from cvpo_jax.config import ConfigError, RunConfig, fill_task_presets, from_yaml
 
 USAGE = """usage: python -m cvpo_jax.run [key=value ...]
   env=point_goal            task (python -c 'import cvpo_jax.envs as e; print(e.names())')
-  algo=cvpo                 cvpo | sac_lag td3_lag ddpg_lag | ppo_lag trpo_lag cpo trpo | csc
+  algo=cvpo                 the algorithm (listed below)
   num_seeds=4               seeds trained side by side in one program
   cvpo.kl_bound=0.05        nested keys reach the algorithm settings
   sweep.cost_limits=[5,10]  cost limits trained side by side (crossed with the seeds)
   resume=runs/<dir>         continue a run from its last checkpoint
   print_config=true         print the resolved configuration and exit
 All keys and their defaults: python -m cvpo_jax.run print_config=true"""
+
+
+def usage() -> str:
+    from cvpo_jax import algorithms
+
+    rows = [f"  {a.name:<10} {a.trainer:<8} {a.summary}" for a in algorithms.ALGORITHMS.values()]
+    return USAGE + "\nAlgorithms (algo=, then its trainer):\n" + "\n".join(rows)
 
 
 class RunError(RuntimeError):
@@ -72,9 +79,9 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
     import jax
 
     from cvpo_jax import checkpoint, envs, plots
-    from cvpo_jax.metrics_log import MetricsLog
     from cvpo_jax.algorithms import make_trainer
-    from cvpo_jax.trainer import eval_keys, member_keys, member_settings, to_host
+    from cvpo_jax.core.members import SweepMembers
+    from cvpo_jax.metrics_log import MetricsLog
 
     run_dir = run_dir or _run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)
@@ -82,14 +89,13 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
         f.write(to_yaml(cfg))
 
     env = envs.make(cfg.env)
-    trainer = make_trainer(cfg, env, cfg.episode_length)
+    trainer = make_trainer(cfg, env)
     schedule = trainer.schedule
-    settings = member_settings(cfg, cfg.episode_length)
-    num_members = int(settings.cost_threshold.shape[0])
-    limits = [float(x) for x in (cfg.sweep.cost_limits or [cfg.cost_limit]) for _ in range(cfg.num_seeds)]
+    members = SweepMembers.from_config(cfg)
+    num_members, limits = members.size, list(members.cost_limits)
 
-    state = trainer.init(member_keys(cfg))
-    state, settings = _shard(cfg, state, settings, num_members)
+    state = trainer.init(members.keys())
+    state, settings = _shard(cfg, state, members.settings(), num_members)
 
     iteration = 0
     latest = checkpoint.latest_iteration(run_dir)
@@ -104,14 +110,15 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
     next_eval = (iteration // eval_every + 1) * eval_every if iteration else 0
     next_ckpt = (iteration // ckpt_every + 1) * ckpt_every
 
-    progress = _progress_bar(cfg, schedule.total_iterations * steps_per_iteration, iteration * steps_per_iteration)
+    progress = _progress_bar(cfg, num_members, schedule.total_iterations * steps_per_iteration,
+                             iteration * steps_per_iteration)
     last_summary: dict[str, float] = {}
     period: dict[str, list] = {}
     start_time, start_iteration = time.time(), iteration
     try:
         while iteration < schedule.total_iterations:
             if iteration >= next_eval:
-                evaluation = to_host(trainer.evaluate(state.learner.params, eval_keys(cfg, iteration)))
+                evaluation = to_host(trainer.evaluate(state.learner.params, members.eval_keys(iteration)))
                 log.write(iteration * steps_per_iteration, evaluation, _mean_period(period), limits)
                 last_summary = {"reward": float(np.mean(evaluation["eval/episode_reward"])),
                                 "cost": float(np.mean(evaluation["eval/episode_cost"]))}
@@ -119,24 +126,25 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
                 next_eval += eval_every
             state, metrics = trainer.run_chunk(state, settings, np.int32(iteration))
             metrics = to_host(metrics)
-            if bool(np.any(metrics.pop("nonfinite"))):
-                bad = [i for i, flag in enumerate(np.ravel(metrics.get("nonfinite_members", []))) if flag]
+            nonfinite = np.ravel(metrics.pop("nonfinite"))  # [N], one flag per member
+            if nonfinite.any():
+                bad = "; ".join(label for label, flag in zip(members.labels(), nonfinite) if flag)
                 raise RunError(
                     f"non-finite loss or parameter in the chunk ending at env step "
-                    f"{(iteration + schedule.iterations_per_chunk) * steps_per_iteration}{bad or ''}; "
+                    f"{(iteration + schedule.iterations_per_chunk) * steps_per_iteration} ({bad}); "
                     f"stopped without saving it; the last good checkpoint in {run_dir}/checkpoints stays")
             iteration += schedule.iterations_per_chunk
             for k, v in metrics.items():
                 period.setdefault(k, []).append(v)
             log.tensorboard(iteration * steps_per_iteration, metrics)
             if iteration >= next_ckpt or iteration >= schedule.total_iterations:
-                checkpoint.save(run_dir, iteration, state)
+                checkpoint.save(run_dir, iteration, state, keep=cfg.checkpoints_kept)
                 next_ckpt += ckpt_every
             elapsed = time.time() - start_time
             rate = (iteration - start_iteration) * steps_per_iteration * num_members / max(elapsed, 1e-9)
             progress.update(schedule.iterations_per_chunk * steps_per_iteration)
             progress.set_postfix(env_steps_per_s=f"{rate:.0f}", **{k: f"{v:.2f}" for k, v in last_summary.items()})
-        evaluation = to_host(trainer.evaluate(state.learner.params, eval_keys(cfg, iteration)))
+        evaluation = to_host(trainer.evaluate(state.learner.params, members.eval_keys(iteration)))
         log.write(iteration * steps_per_iteration, evaluation, _mean_period(period), limits)
     finally:
         progress.close()
@@ -178,17 +186,23 @@ def _shard(cfg: RunConfig, state, settings, num_members: int):
     return jax.device_put(state, sharding), jax.device_put(settings, sharding)
 
 
-def _progress_bar(cfg: RunConfig, total: int, initial: int):
+def _progress_bar(cfg: RunConfig, num_members: int, total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", disable=not cfg.progress, dynamic_ncols=True,
-                desc=f"{cfg.env} x{cfg.num_seeds * max(1, len(cfg.sweep.cost_limits))}", file=sys.stderr)
+                desc=f"{cfg.env} x{num_members}", file=sys.stderr)
+
+
+def to_host(metrics: dict) -> dict[str, np.ndarray]:
+    import jax
+
+    return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(USAGE)
+        print(usage())
         return 0
     try:
         cfg = resolve(argv)

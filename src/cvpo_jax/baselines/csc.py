@@ -13,7 +13,7 @@ Design decisions (the paper's setting is a binary failure indicator that ends th
 per-step cost indicator with an episodic limit):
 
 Units of χ and V̂_C. Q_C is a discounted cost-to-go (target y = c + γ Q'_C(s', a' ~ π(s'))). Both χ and V̂_C are
-put in the same per-state units with the conversion of `estep.cost_threshold_from_episode_limit`: an episodic
+put in the same per-state units with the conversion of `core.members.cost_threshold_from_episode_limit`: an episodic
 cost C spread evenly over the T steps of an episode is worth C·(1 − γ^T)/(T(1 − γ)) per state. So
 χ = that of the episodic limit (`settings.cost_limit`, with the on-policy γ and T = `cfg.episode_length`), and
 V̂_C = that of the mean episodic cost of the training episodes that ended in the last rollout (the paper's
@@ -69,7 +69,7 @@ batch, O = observation size, A = action size, P = flat policy parameters.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,21 +77,21 @@ import optax
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from cvpo_jax import critics, replay
+from cvpo_jax import critics
 from cvpo_jax import policy as gaussian
-from cvpo_jax.baselines import natural_gradient as ng
 from cvpo_jax.baselines.advantages import gae
-from cvpo_jax.baselines.rollout_trainer import OnPolicyLearner, Rollout
+from cvpo_jax.baselines.natural_gradient import PolicyStepSettings, TrustRegionStep, natural_gradient_step
+from cvpo_jax.baselines.value_fit import ValueFitSettings, fit_values
 from cvpo_jax.config import RunConfig
-from cvpo_jax.estep import cost_threshold_from_episode_limit
-from cvpo_jax.learner import MemberSettings
+from cvpo_jax.core import replay
+from cvpo_jax.core.contracts import MemberSettings, OnPolicyLearner, Rollout
+from cvpo_jax.core.gradients import gradient_step
+from cvpo_jax.core.members import cost_threshold_from_episode_limit
 from cvpo_jax.networks import MLP, GaussianPolicyNet, SingleQ
 
-_EPS = 1e-8
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Pure pieces (tested on their own in tests/test_csc.py).
+# Pure pieces (tested on their own in tests/test_csc.py). The value fit (`value_fit.fit_values`) and the
+# natural-gradient step (`on_policy.natural_gradient_step`) are the ones the other on-policy methods use.
 
 
 def cql_penalty(q_policy: jax.Array, q_data: jax.Array) -> jax.Array:
@@ -181,6 +181,180 @@ def lambda_update(lam: jax.Array, cost_advantage: jax.Array, chi: jax.Array, cos
     return jnp.maximum(0.0, lam + lr * (cost_advantage / (1.0 - gamma) - chi_prime))
 
 
+def insert_rollout(buffer: replay.ReplayState, rollout: Rollout) -> replay.ReplayState:
+    """Append the rollout [T, E] to D_env one env step ([E] rows) at a time (the capacity is a multiple of E).
+
+    Actions are stored clipped to the action box, as executed by the environment.
+    """
+    steps = replay.Transition(obs=rollout.obs, action=jnp.clip(rollout.action, -1.0, 1.0),
+                              reward=rollout.reward, cost=rollout.cost, next_obs=rollout.next_obs,
+                              terminal=rollout.terminal, truncated=rollout.truncated)
+    buffer, _ = jax.lax.scan(lambda b, step: (replay.insert(b, step), None), buffer, steps)
+    return buffer
+
+
+class FailureCounts(NamedTuple):
+    running_cost: jax.Array  # [E] cost of each env's unfinished episode after the rollout
+    ended: jax.Array  # [] episodes that ended in the rollout
+    events: jax.Array  # [] summed cost of those episodes (cost events, for a 0/1 cost)
+    failed: jax.Array  # [] those of them with a positive cost
+
+
+def count_failures(running_cost: jax.Array, cost: jax.Array, episode_end: jax.Array) -> FailureCounts:
+    """Carry each env's episode cost through a rollout and count the episodes that ended in it.
+
+    Args:
+      running_cost: [E] cost of each env's episode so far (from the previous rollouts).
+      cost: [T, E] per-step cost. episode_end: [T, E], > 0 where the episode ended after the step (only the
+        time limit ends our episodes: a reached goal is `terminal` but the episode goes on).
+
+    Returns:
+      FailureCounts; an ended episode's running cost restarts at 0.
+    """
+    def step(running, t):
+        step_cost, done = t
+        running = running + step_cost
+        ended = done > 0
+        out = (jnp.sum(ended), jnp.sum(jnp.where(ended, running, 0.0)), jnp.sum(ended & (running > 0)))
+        return jnp.where(ended, 0.0, running), out
+
+    running, (ended, events, failed) = jax.lax.scan(step, running_cost, (cost, episode_end))
+    return FailureCounts(running_cost=running, ended=jnp.sum(ended), events=jnp.sum(events),
+                         failed=jnp.sum(failed))
+
+
+class CriticSettings(NamedTuple):
+    """The safety-critic settings (static Python numbers)."""
+
+    updates: int  # N: CQL(ζ) steps per epoch
+    batch_size: int  # B: replay minibatch
+    num_particles: int  # K: draws from π per buffer state for the CQL(ζ) term
+    cql_alpha: float  # α
+    polyak: float  # target averaging weight ρ
+    gamma: float  # discount of the Bellman target
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> "CriticSettings":
+        """From `cfg.csc` and the on-policy discount `cfg.onpolicy.gamma`."""
+        c = cfg.csc
+        return cls(updates=int(c.critic_updates), batch_size=int(c.batch_size), num_particles=int(c.num_particles),
+                   cql_alpha=float(c.cql_alpha), polyak=float(c.polyak), gamma=float(cfg.onpolicy.gamma))
+
+
+class CriticUpdate(NamedTuple):
+    params: Any  # the safety critic Q_C after the steps
+    target: Any  # its polyak-averaged target
+    opt_state: Any  # the critic optimiser's state
+    aux: dict  # [] means over the steps: "penalty", "bellman", "q_data", "q_policy", "loss", "target"
+
+
+def critic_updates(apply_q: Callable, apply_policy: Callable, optimizer: optax.GradientTransformation,
+                   params: Any, target: Any, opt_state: Any, policy_params: Any, buffer: replay.ReplayState,
+                   key: jax.Array, settings: CriticSettings) -> CriticUpdate:
+    """`settings.updates` CQL(ζ) steps on D_env minibatches (eq. 2, line 13), each followed by the polyak step.
+
+    Each step samples B buffer rows, the Bellman target y = c + γ Q'_C(s', a' ~ π(s')) (unmasked, as CVPO's
+    cost critic; `critics.cost_target`) and K clipped draws of π at the buffer states for the penalty, then
+    takes one optimiser step on `safety_critic_loss`.
+
+    Args:
+      apply_q: (params, obs [B, O], actions [B, (K,) A]) -> [B, (K)], the raw critic (actions are clipped here).
+      apply_policy: (policy params, obs [B, O]) -> Gaussian [B]. policy_params: π (held constant).
+      optimizer: the critic's optimiser; opt_state its state. params, target: Q_C and its target.
+      buffer: D_env (executed, clipped actions). key: one split per step (sample, next action, particles).
+      settings: CriticSettings.
+
+    Returns:
+      CriticUpdate.
+    """
+    def one(carry, k):
+        params, target, opt_state = carry
+        sample_key, next_key, policy_key = jax.random.split(k, 3)
+        batch = replay.sample(buffer, sample_key, settings.batch_size)
+        next_action = gaussian.sample(apply_policy(policy_params, batch.next_obs), next_key, 1)[:, 0]
+        next_q = apply_q(target, batch.next_obs, jnp.clip(next_action, -1.0, 1.0))
+        target_q = critics.cost_target(batch.cost, batch.terminal, next_q, settings.gamma)  # [B]
+        policy_action = jnp.clip(gaussian.sample(apply_policy(policy_params, batch.obs), policy_key,
+                                                 settings.num_particles), -1.0, 1.0)  # [B, K, A]
+        stepped = gradient_step(safety_critic_loss, params, opt_state, optimizer, apply_q, batch.obs,
+                                batch.action, policy_action, target_q, settings.cql_alpha, has_aux=True)
+        target = critics.polyak_update(target, stepped.params, settings.polyak)
+        aux = {**stepped.aux, "loss": stepped.loss, "target": jnp.mean(target_q)}
+        return (stepped.params, target, stepped.opt_state), aux
+
+    (params, target, opt_state), aux = jax.lax.scan(one, (params, target, opt_state),
+                                                    jax.random.split(key, settings.updates))
+    return CriticUpdate(params=params, target=target, opt_state=opt_state, aux=jax.tree.map(jnp.mean, aux))
+
+
+class CSCPolicyBatch(NamedTuple):
+    """The rollout flattened to N samples, and K fresh draws of π_old per state, for the policy step."""
+
+    obs: jax.Array  # [N, O]
+    action: jax.Array  # [N, A] executed (the filter's choice, unclipped)
+    old_log_prob: jax.Array  # [N] log π_old(action | obs)
+    reward_advantage: jax.Array  # [N] Â_R (centred)
+    particles: jax.Array  # [N, K, A] draws from π_old
+    particle_log_prob: jax.Array  # [N, K] log π_old of them
+    cost_advantage: jax.Array  # [N, K] Â_C(s, particle)
+
+
+def csc_surrogate(dist: gaussian.Gaussian, batch: CSCPolicyBatch, lam_prime: jax.Array,
+                  entropy_coef: float) -> tuple[jax.Array, jax.Array]:
+    """Eq. 43's objective at the policy `dist` (Gaussian [N]): E[ρ·Â_R] − λ′·E_{a~π_old}[ρ·Â_C] + entropy.
+
+    ρ is π/π_old at the executed actions for the reward term and at the particles for the cost term; the
+    entropy bonus is entropy_coef · mean entropy of `dist`.
+
+    Returns:
+      (objective [], cost term [] = mean_{n,k} ρ_nk·Â_C,nk). At π_old the ratios are 1, so the cost term is
+      the mean of Â_C, zero by construction.
+    """
+    reward_term = jnp.mean(jnp.exp(gaussian.log_prob(dist, batch.action) - batch.old_log_prob)
+                           * batch.reward_advantage)
+    cost_ratio = jnp.exp(gaussian.log_prob(dist, batch.particles) - batch.particle_log_prob)  # [N, K]
+    cost_term = jnp.mean(cost_ratio * batch.cost_advantage)
+    entropy = jnp.mean(gaussian.entropy(dist))
+    return reward_term - lam_prime * cost_term + entropy_coef * entropy, cost_term
+
+
+def policy_step(apply_policy: Callable, params: Any, batch: CSCPolicyBatch, lam_prime: jax.Array,
+                settings: PolicyStepSettings) -> TrustRegionStep:
+    """Eqs. 7-8: `on_policy.natural_gradient_step` on `csc_surrogate`, backtracking on the KL and the surrogate.
+
+    Args:
+      apply_policy: (params, obs [N, O]) -> Gaussian [N]. params: π_old's (the KL is taken from it).
+      batch: CSCPolicyBatch (held constant). lam_prime: λ′ = λ/(1 − γ) [].
+      settings: target_kl δ, entropy_coef and the natural-gradient settings.
+
+    Returns:
+      TrustRegionStep; metrics "policy/kl", "policy/line_search_step" (−1: all rejected), "policy/accepted",
+      "policy/surrogate_improvement", and "csc/cost_advantage_new" = E_{a~π_new}[Â_C] (the change of the cost
+      term; > 0 means the step made the policy riskier).
+    """
+    flat, unravel = ravel_pytree(params)  # [P]
+    old_dist = jax.lax.stop_gradient(apply_policy(params, batch.obs))
+
+    def surrogate(flat_params):
+        return csc_surrogate(apply_policy(unravel(flat_params), batch.obs), batch, lam_prime,
+                             settings.entropy_coef)
+
+    def kl(flat_params):
+        return jnp.mean(gaussian.kl(old_dist, apply_policy(unravel(flat_params), batch.obs)))
+
+    # β of eq. 7 with j = 0: the quadratic model of the KL equals δ at the full step.
+    step = natural_gradient_step(surrogate, kl, flat, settings, has_aux=True)
+    metrics = {
+        "policy/kl": step.kl,
+        "policy/line_search_step": step.step_index.astype(jnp.float32),  # −1: every candidate rejected
+        "policy/accepted": (step.step_index >= 0).astype(jnp.float32),
+        "policy/surrogate_improvement": step.value_new - step.value_old,
+        # E_{a~π_new}[Â_C] (the cost term is zero at φ_old): > 0 means the step made the policy riskier.
+        "csc/cost_advantage_new": step.aux_new - step.aux_old,
+    }
+    return TrustRegionStep(params=unravel(step.params), full_step=step.full_step, metrics=metrics)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The learner.
 
@@ -214,6 +388,9 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
         raise ValueError("csc needs cfg.episode_length to convert episodic costs to per-state values")
     o, c = cfg.onpolicy, cfg.csc
     gamma = float(o.gamma)
+    policy_settings = PolicyStepSettings.from_config(o)
+    value_settings = ValueFitSettings.from_config(o)
+    critic_settings = CriticSettings.from_config(cfg)
     # χ and V̂_C are (episodic cost) × this per-state factor, see the module doc.
     per_state = cost_threshold_from_episode_limit(1.0, int(cfg.episode_length), gamma)
     hidden = tuple(int(h) for h in cfg.network.hidden)
@@ -257,9 +434,7 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
 
     def act(params: CSCParams, obs: jax.Array, key: jax.Array, deterministic: bool = False) -> jax.Array:
         """Evaluation: the policy alone (no safety filter), [N, O] -> [N, A] in the action box."""
-        dist = policy_net.apply(params.policy, obs)
-        action = dist.mean if deterministic else gaussian.sample(dist, key, 1)[:, 0]
-        return jnp.clip(action, -1.0, 1.0)
+        return gaussian.action_in_box(policy_net.apply(params.policy, obs), key, deterministic)
 
     def explore(state: CSCState, obs: jax.Array, key: jax.Array, settings: MemberSettings):
         """Safe exploration (line 6): [E, O] -> (executed draw [E, A] unclipped, log π_old of it [E], metrics)."""
@@ -277,116 +452,6 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
         }
         return chosen.action, gaussian.log_prob(dist, chosen.action), metrics
 
-    def insert_rollout(buffer: replay.ReplayState, rollout: Rollout) -> replay.ReplayState:
-        """Append the rollout to D_env one env step ([E] rows) at a time (the capacity is a multiple of E)."""
-        steps = replay.Transition(obs=rollout.obs, action=jnp.clip(rollout.action, -1.0, 1.0),
-                                  reward=rollout.reward, cost=rollout.cost, next_obs=rollout.next_obs,
-                                  terminal=rollout.terminal, truncated=rollout.truncated)
-        buffer, _ = jax.lax.scan(lambda b, step: (replay.insert(b, step), None), buffer, steps)
-        return buffer
-
-    def count_failures(state: CSCState, rollout: Rollout):
-        """Per-env running episode cost through the rollout; (running [E], ended, cost events, failed)."""
-        def step(running, t):
-            cost, done = t
-            running = running + cost
-            ended = done > 0
-            out = (jnp.sum(ended), jnp.sum(jnp.where(ended, running, 0.0)), jnp.sum(ended & (running > 0)))
-            return jnp.where(ended, 0.0, running), out
-
-        # Only the time limit ends our episodes (a reached goal is `terminal` but the episode goes on).
-        running, (ended, events, failed) = jax.lax.scan(step, state.running_cost, (rollout.cost, rollout.truncated))
-        return running, jnp.sum(ended), jnp.sum(events), jnp.sum(failed)
-
-    def critic_updates(state: CSCState, key: jax.Array):
-        """`csc.critic_updates` CQL(ζ) steps on D_env minibatches, each followed by the polyak target step."""
-        def one(carry, k):
-            params, target, opt_state = carry
-            sample_key, next_key, policy_key = jax.random.split(k, 3)
-            batch = replay.sample(state.replay, sample_key, c.batch_size)
-            policy_params = state.params.policy
-            next_action = gaussian.sample(policy_net.apply(policy_params, batch.next_obs), next_key, 1)[:, 0]
-            target_q = critics.cost_target(batch.cost, batch.terminal, q_c(target, batch.next_obs, next_action),
-                                           gamma)  # [B], unmasked as CVPO's cost critic (see critics.py)
-            policy_action = jnp.clip(gaussian.sample(policy_net.apply(policy_params, batch.obs), policy_key,
-                                                     c.num_particles), -1.0, 1.0)  # [B, K, A]
-            (loss, aux), grads = jax.value_and_grad(safety_critic_loss, has_aux=True)(
-                params, critic_net.apply, batch.obs, batch.action, policy_action, target_q, c.cql_alpha)
-            updates, opt_state = critic_optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            target = critics.polyak_update(target, params, c.polyak)
-            aux = {**aux, "loss": loss, "target": jnp.mean(target_q)}
-            return (params, target, opt_state), aux
-
-        (params, target, opt_state), aux = jax.lax.scan(
-            one, (state.params.safety_critic, state.target_safety_critic, state.critic_opt_state),
-            jax.random.split(key, c.critic_updates))
-        return params, target, opt_state, jax.tree.map(jnp.mean, aux)
-
-    def fit_value(params, opt_state, obs: jax.Array, returns: jax.Array, key: jax.Array):
-        """`value_epochs` shuffled passes of `num_minibatches` Adam steps on (V_r(s) − R)². obs [N, O], [N]."""
-        n = obs.shape[0]
-        size = max(1, n // o.num_minibatches)
-        per_pass = n // size
-
-        def loss(p, idx):
-            return jnp.mean(jnp.square(values(p, obs[idx]) - returns[idx]))
-
-        def step(carry, s):
-            p, opt = carry
-            perm = jax.random.permutation(jax.random.fold_in(key, s // per_pass), n)
-            idx = jax.lax.dynamic_slice_in_dim(perm, (s % per_pass) * size, size)
-            updates, opt = value_optimizer.update(jax.grad(loss)(p, idx), opt, p)
-            return (optax.apply_updates(p, updates), opt), None
-
-        (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), jnp.arange(o.value_epochs * per_pass))
-        return params, opt_state, jnp.mean(jnp.square(values(params, obs) - returns))
-
-    def policy_step(policy_params, obs, action, old_log_prob, reward_adv, particles, particle_log_prob,
-                    cost_adv, lam_prime):
-        """Eqs. 7-8 with backtracking on the KL and the surrogate.
-
-        obs [N, O], action [N, A] executed, old_log_prob/reward_adv [N], particles [N, K, A] ~ π_old with
-        particle_log_prob and cost_adv (Â_C) [N, K], lam_prime λ′ []. Returns (policy params, metrics).
-        """
-        flat, unravel = ravel_pytree(policy_params)  # [P]
-        old_dist = jax.lax.stop_gradient(policy_net.apply(policy_params, obs))
-
-        def surrogate(flat_params):
-            """E[ratio·Â_R] − λ′ E_{a~π_old}[ratio·Â_C] (+ entropy bonus), = 0·… + const at φ_old."""
-            dist = policy_net.apply(unravel(flat_params), obs)
-            reward_term = jnp.mean(jnp.exp(gaussian.log_prob(dist, action) - old_log_prob) * reward_adv)
-            cost_ratio = jnp.exp(gaussian.log_prob(dist, particles) - particle_log_prob)  # [N, K]
-            cost_term = jnp.mean(cost_ratio * cost_adv)
-            entropy = jnp.mean(gaussian.entropy(dist))
-            return reward_term - lam_prime * cost_term + o.entropy_coef * entropy, cost_term
-
-        def mean_kl(flat_params):
-            return jnp.mean(gaussian.kl(old_dist, policy_net.apply(unravel(flat_params), obs)))
-
-        (old_value, old_cost_term), g = jax.value_and_grad(surrogate, has_aux=True)(flat)
-        fvp = ng.fisher_vector_product(mean_kl, flat, o.cg_damping)
-        x = ng.conjugate_gradient(fvp, g, o.cg_iterations)  # F⁻¹g
-        # β of eq. 7 with j = 0: the quadratic model of the KL equals δ at the full step.
-        full_step = jnp.sqrt(2.0 * o.target_kl / (jnp.dot(x, fvp(x)) + _EPS)) * x
-
-        def accept(candidate):
-            kl = mean_kl(candidate)
-            return jnp.isfinite(kl) & (kl <= o.target_kl) & (surrogate(candidate)[0] > old_value)
-
-        new_flat, step_index = ng.backtracking_line_search(flat, full_step, accept, o.line_search_steps,
-                                                           o.backtrack_coeff)
-        new_value, new_cost_term = surrogate(new_flat)
-        metrics = {
-            "policy/kl": mean_kl(new_flat),
-            "policy/line_search_step": step_index.astype(jnp.float32),  # −1: every candidate rejected
-            "policy/accepted": (step_index >= 0).astype(jnp.float32),
-            "policy/surrogate_improvement": new_value - old_value,
-        }
-        # E_{a~π_new}[Â_C] (the cost term is zero at φ_old): > 0 means the step made the policy riskier.
-        metrics["csc/cost_advantage_new"] = new_cost_term - old_cost_term
-        return unravel(new_flat), metrics
-
     def update(state: CSCState, rollout: Rollout, episode_cost: jax.Array, settings: MemberSettings,
                key: jax.Array):
         """One epoch of Algorithm 1 (lines 8-16) on a rollout [T, E]; `episode_cost` NaN when none ended."""
@@ -396,16 +461,19 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
         # Line 8 and line 10: D_env ← D_env ∪ rollout; V̂_C ← this epoch's mean episodic cost.
         buffer = insert_rollout(state.replay, rollout)
         episode_cost_estimate = jnp.where(jnp.isfinite(episode_cost), episode_cost, state.episode_cost)
-        running, ended, events, failed = count_failures(state, rollout)
-        have = ended > 0
-        failures_per_episode = jnp.where(have, events / jnp.maximum(ended, 1), state.failures_per_episode)
-        failed_episodes = jnp.where(have, failed / jnp.maximum(ended, 1), state.failed_episodes)
-        state = state.replace(replay=buffer, episode_cost=episode_cost_estimate, running_cost=running)
+        counts = count_failures(state.running_cost, rollout.cost, rollout.truncated)
+        have = counts.ended > 0
+        failures_per_episode = jnp.where(have, counts.events / jnp.maximum(counts.ended, 1),
+                                         state.failures_per_episode)
+        failed_episodes = jnp.where(have, counts.failed / jnp.maximum(counts.ended, 1), state.failed_episodes)
+        state = state.replace(replay=buffer, episode_cost=episode_cost_estimate, running_cost=counts.running_cost)
         chi = chi_of(settings)
         cost_value = cost_value_of(state, settings)
 
         # Line 13 first, so the advantages below use a critic that has seen this rollout.
-        critic_params, target_critic, critic_opt_state, critic_aux = critic_updates(state, critic_key)
+        critic = critic_updates(critic_net.apply, policy_net.apply, critic_optimizer, params.safety_critic,
+                                state.target_safety_critic, state.critic_opt_state, params.policy, state.replay,
+                                critic_key, critic_settings)
 
         def flat(x):
             return x.reshape((-1,) + x.shape[2:])
@@ -416,14 +484,14 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
         reward_adv, reward_returns = gae(rollout.reward, values(params.reward_value, rollout.obs),
                                          values(params.reward_value, rollout.next_obs), rollout.terminal,
                                          rollout.truncated, gamma, o.gae_lambda)
-        value_params, value_opt_state, value_loss = fit_value(params.reward_value, state.value_opt_state, obs,
-                                                              flat(reward_returns), value_key)
+        value_fit = fit_values(values, value_optimizer, params.reward_value, state.value_opt_state, obs,
+                               flat(reward_returns), value_key, value_settings)
 
         # Â_C(s, a) = Q_C(s, a) − E_{a'~π_old}Q_C(s, a') on K fresh draws from π_old per rollout state.
         old_dist = policy_net.apply(params.policy, obs)
         particles = gaussian.sample(old_dist, particle_key, c.num_particles)  # [N, K, A]
         particle_log_prob = gaussian.log_prob(old_dist, particles)  # [N, K]
-        q_particles = q_c(critic_params, obs, particles)  # [N, K]
+        q_particles = q_c(critic.params, obs, particles)  # [N, K]
         expected_q = jnp.mean(q_particles, axis=1)  # [N] E_{π_old}Q_C(s, ·)
         cost_adv = q_particles - expected_q[:, None]  # [N, K]
 
@@ -433,17 +501,20 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
         # picked according to the sign of the value fit's error.
         lam_prime = state.lam / (1.0 - gamma)
         reward_adv = flat(reward_adv) - jnp.mean(reward_adv)
-        policy_params, policy_metrics = policy_step(
-            params.policy, obs, action, old_log_prob, reward_adv, jax.lax.stop_gradient(particles),
-            jax.lax.stop_gradient(particle_log_prob), jax.lax.stop_gradient(cost_adv), lam_prime)
+        batch = CSCPolicyBatch(obs=obs, action=action, old_log_prob=old_log_prob, reward_advantage=reward_adv,
+                               particles=jax.lax.stop_gradient(particles),
+                               particle_log_prob=jax.lax.stop_gradient(particle_log_prob),
+                               cost_advantage=jax.lax.stop_gradient(cost_adv))
+        step = policy_step(policy_net.apply, params.policy, batch, lam_prime, policy_settings)
+        policy_params, policy_metrics = step.params, step.metrics
         policy_cost_value = jnp.mean(expected_q)  # V̂_C^{π_old} for λ (module doc)
         lam = lambda_update(state.lam, policy_metrics["csc/cost_advantage_new"], chi, policy_cost_value, gamma,
                             c.lambda_lr)
 
         new_state = state.replace(
-            params=CSCParams(policy=policy_params, reward_value=value_params, safety_critic=critic_params),
-            target_safety_critic=target_critic, critic_opt_state=critic_opt_state,
-            value_opt_state=value_opt_state, lam=lam, failures_per_episode=failures_per_episode,
+            params=CSCParams(policy=policy_params, reward_value=value_fit.params, safety_critic=critic.params),
+            target_safety_critic=critic.target, critic_opt_state=critic.opt_state,
+            value_opt_state=value_fit.opt_state, lam=lam, failures_per_episode=failures_per_episode,
             failed_episodes=failed_episodes, num_updates=state.num_updates + 1)
         metrics = {
             **policy_metrics,
@@ -452,12 +523,12 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
             "csc/cost_value": cost_value,  # V̂_C of the observed (filtered) episodes, sets ε
             "csc/q_c": policy_cost_value,  # E_{π_old}Q_C at the rollout states: V̂_C^{π_old} of the λ step
             "csc/next_rejection_threshold": rejection_threshold(chi, cost_value, gamma),
-            "csc/cql_penalty": critic_aux["penalty"],
-            "csc/critic_bellman_loss": critic_aux["bellman"],
-            "csc/critic_target": critic_aux["target"],
+            "csc/cql_penalty": critic.aux["penalty"],
+            "csc/critic_bellman_loss": critic.aux["bellman"],
+            "csc/critic_target": critic.aux["target"],
             "csc/failures_per_episode": failures_per_episode,
             "csc/failed_episodes": failed_episodes,
-            "value/reward_loss": value_loss,
+            "value/reward_loss": value_fit.losses,
             "value/reward_return": jnp.mean(reward_returns),
             "policy/entropy": jnp.mean(gaussian.entropy(policy_net.apply(policy_params, obs))),
         }

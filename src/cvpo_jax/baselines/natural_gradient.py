@@ -8,10 +8,12 @@ functions jit and vmap over sweep members.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+_EPS = 1e-8
 
 
 def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, iterations: int,
@@ -104,3 +106,115 @@ def backtracking_line_search(flat_params: jax.Array, full_step: jax.Array,
     accepted = flat_params + coeff ** jnp.maximum(found, 0).astype(full_step.dtype) * full_step
     # A select rather than a zero scale, so a rejected non-finite step cannot leak NaN into the params.
     return jnp.where(found >= 0, accepted, flat_params), found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trust-region policy step shared by TRPO, TRPO-Lag (on_policy.py) and CSC (csc.py).
+
+
+class PolicyStepSettings(NamedTuple):
+    """The policy-step settings of `cfg.onpolicy` (static Python numbers, the same for every member)."""
+
+    target_kl: float  # δ: trust region of the natural-gradient steps; PPO stops its epochs past 1.5·δ
+    entropy_coef: float  # weight of the mean entropy added to every surrogate
+    cg_iterations: int  # conjugate-gradient iterations for F⁻¹g
+    cg_damping: float  # multiple of the identity added to the Fisher matrix
+    line_search_steps: int  # backtracking candidates j = 0 .. line_search_steps − 1
+    backtrack_coeff: float  # candidate j is old + backtrack_coeff^j · full step
+    ppo_epochs: int  # PPO: shuffled passes over the N samples
+    num_minibatches: int  # PPO: minibatches per pass
+    ppo_clip: float  # PPO: ratio clip ε
+
+    @classmethod
+    def from_config(cls, onpolicy) -> "PolicyStepSettings":
+        """From `cfg.onpolicy` (`config.OnPolicyConfig`)."""
+        return cls(target_kl=float(onpolicy.target_kl), entropy_coef=float(onpolicy.entropy_coef),
+                   cg_iterations=int(onpolicy.cg_iterations), cg_damping=float(onpolicy.cg_damping),
+                   line_search_steps=int(onpolicy.line_search_steps),
+                   backtrack_coeff=float(onpolicy.backtrack_coeff), ppo_epochs=int(onpolicy.ppo_epochs),
+                   num_minibatches=int(onpolicy.num_minibatches), ppo_clip=float(onpolicy.ppo_clip))
+
+
+class NaturalGradient(NamedTuple):
+    """What every natural-gradient step starts from (traced values; `fvp` is a function, so not jit output)."""
+
+    value: jax.Array  # [] the surrogate at the old parameters
+    aux: Any  # its auxiliary output (None unless has_aux)
+    gradient: jax.Array  # g [P]
+    direction: jax.Array  # v ≈ (F + damping·I)⁻¹g [P], by `cg_iterations` of conjugate gradient
+    curvature: jax.Array  # [] vᵀ(F + damping·I)v through the approximate solution (≈ gᵀF⁻¹g), as the
+    #                       reference codes compute it
+    fvp: Callable  # u [P] -> (F + damping·I)u [P], F the Hessian of the mean KL at the old parameters
+
+
+def natural_gradient(surrogate: Callable, kl: Callable, flat_params: jax.Array, settings: PolicyStepSettings,
+                     has_aux: bool = False) -> NaturalGradient:
+    """g = ∇surrogate and v ≈ (F + damping·I)⁻¹g at the old parameters `flat_params` [P].
+
+    Args:
+      surrogate: flat params [P] -> [] (or ([], aux) when has_aux), the objective to ascend.
+      kl: flat params [P] -> [] mean KL(old ‖ new), with the old distribution held constant.
+      flat_params: [P] the old parameters.
+      settings: cg_damping, cg_iterations.
+    """
+    if has_aux:
+        (value, aux), gradient = jax.value_and_grad(surrogate, has_aux=True)(flat_params)
+    else:
+        (value, gradient), aux = jax.value_and_grad(surrogate)(flat_params), None
+    fvp = fisher_vector_product(kl, flat_params, settings.cg_damping)
+    direction = conjugate_gradient(fvp, gradient, settings.cg_iterations)  # F⁻¹g
+    return NaturalGradient(value=value, aux=aux, gradient=gradient, direction=direction,
+                           curvature=jnp.dot(direction, fvp(direction)), fvp=fvp)
+
+
+class NaturalGradientStep(NamedTuple):
+    params: jax.Array  # [P] after the line search (the old parameters when every candidate was rejected)
+    full_step: jax.Array  # [P] √(2δ / vᵀ(F + damping·I)v)·v, the first candidate
+    step_index: jax.Array  # int32 [] the accepted candidate j, −1 when none was
+    value_old: jax.Array  # [] surrogate at the old parameters
+    value_new: jax.Array  # [] surrogate at `params`
+    aux_old: Any  # the surrogate's aux at the old parameters (None unless has_aux)
+    aux_new: Any  # and at `params`
+    kl: jax.Array  # [] mean KL(old ‖ new) at `params`
+
+
+def natural_gradient_step(surrogate: Callable, kl: Callable, flat_params: jax.Array,
+                          settings: PolicyStepSettings, has_aux: bool = False) -> NaturalGradientStep:
+    """TRPO's step: v = F⁻¹g scaled so the quadratic model of the KL is δ, ½ xᵀFx = δ, then backtracking.
+
+    The candidates old + backtrack_coeff^j · x, j = 0 .. line_search_steps − 1, are tried in order and the
+    first with a finite mean KL ≤ δ and a surrogate above its old value is taken (none: the old parameters).
+    Used by TRPO / TRPO-Lag (`trpo_policy_step`) and CSC's policy step.
+
+    Args:
+      surrogate: flat params [P] -> [] (or ([], aux) when has_aux), the objective to ascend.
+      kl: flat params [P] -> [] mean KL(old ‖ new), with the old distribution held constant.
+      flat_params: [P] the old parameters.
+      settings: target_kl (δ), cg_damping, cg_iterations, line_search_steps, backtrack_coeff.
+
+    Returns:
+      NaturalGradientStep.
+    """
+    start = natural_gradient(surrogate, kl, flat_params, settings, has_aux)
+    delta = settings.target_kl
+    # Scale the direction so the quadratic model of the KL equals δ: ½ xᵀFx = δ.
+    full_step = jnp.sqrt(2.0 * delta / (start.curvature + _EPS)) * start.direction
+
+    def value_of(candidate):
+        return surrogate(candidate)[0] if has_aux else surrogate(candidate)
+
+    def accept(candidate):
+        candidate_kl = kl(candidate)
+        return jnp.isfinite(candidate_kl) & (candidate_kl <= delta) & (value_of(candidate) > start.value)
+
+    new_flat, step_index = backtracking_line_search(flat_params, full_step, accept, settings.line_search_steps,
+                                                       settings.backtrack_coeff)
+    value_new, aux_new = surrogate(new_flat) if has_aux else (surrogate(new_flat), None)
+    return NaturalGradientStep(params=new_flat, full_step=full_step, step_index=step_index, value_old=start.value,
+                               value_new=value_new, aux_old=start.aux, aux_new=aux_new, kl=kl(new_flat))
+
+
+class TrustRegionStep(NamedTuple):
+    params: Any  # policy params after the step
+    full_step: jax.Array  # [P] the first line-search candidate minus the old flat params
+    metrics: dict  # [] each

@@ -1,6 +1,6 @@
 """The off-policy Lagrangian baselines of the CVPO paper: SAC-Lag, TD3-Lag and DDPG-Lag (Section 4.2).
 
-They plug into the same replay trainer as CVPO (`trainer.make_trainer(..., learner=...)`) and share its
+They plug into the same replay trainer as CVPO (`core/replay_trainer.py`) and share its
 networks (the Gaussian policy, twin reward critics, one cost critic), its critic targets and losses
 (`critics.py`, evaluated on clipped actions as CVPO's are), its replay and its acting loop. What differs is
 the policy step: gradient ascent on the Lagrangian
@@ -27,6 +27,8 @@ Per method:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -35,10 +37,22 @@ from flax import struct
 from cvpo_jax import critics, networks, policy
 from cvpo_jax.baselines.pid_lagrangian import PIDState, gains_from_config, init_pid, pid_update
 from cvpo_jax.config import RunConfig
-from cvpo_jax.learner import Learner, MemberSettings
-from cvpo_jax.replay import Transition
+from cvpo_jax.core.contracts import MemberSettings, OffPolicyLearner
+from cvpo_jax.core.gradients import gradient_step
+from cvpo_jax.core.replay import Transition
 
-OFF_POLICY_BASELINES = ("sac_lag", "td3_lag", "ddpg_lag")
+class Variant(NamedTuple):
+    """What tells the three methods apart (see the module docstring)."""
+
+    stochastic: bool  # SAC's squashed Gaussian with the entropy term; else a deterministic actor + noise
+    twin_min: bool  # clipped double-Q minimum; else the first reward head
+    target_smoothing: bool  # TD3's noise on the target action
+    delayed_policy: bool  # TD3: the policy and the targets move every `offpolicy.policy_delay` updates
+
+
+SAC_LAG = Variant(stochastic=True, twin_min=True, target_smoothing=False, delayed_policy=False)
+TD3_LAG = Variant(stochastic=False, twin_min=True, target_smoothing=True, delayed_policy=True)
+DDPG_LAG = Variant(stochastic=False, twin_min=False, target_smoothing=False, delayed_policy=False)
 
 
 def squashed_sample(dist: policy.Gaussian, key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -66,10 +80,21 @@ class OffPolicyState:
     num_updates: jax.Array  # int32
 
 
-def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: int) -> Learner:
-    algo = cfg.algo
-    if algo not in OFF_POLICY_BASELINES:
-        raise ValueError(f"make_off_policy_learner: algo must be one of {OFF_POLICY_BASELINES}, got {algo!r}")
+def make_sac_lag_learner(cfg: RunConfig, observation_size: int, action_size: int) -> OffPolicyLearner:
+    return make_off_policy_learner(SAC_LAG, cfg, observation_size, action_size)
+
+
+def make_td3_lag_learner(cfg: RunConfig, observation_size: int, action_size: int) -> OffPolicyLearner:
+    return make_off_policy_learner(TD3_LAG, cfg, observation_size, action_size)
+
+
+def make_ddpg_lag_learner(cfg: RunConfig, observation_size: int, action_size: int) -> OffPolicyLearner:
+    return make_off_policy_learner(DDPG_LAG, cfg, observation_size, action_size)
+
+
+def make_off_policy_learner(variant: Variant, cfg: RunConfig, observation_size: int,
+                            action_size: int) -> OffPolicyLearner:
+    """The Lagrangian actor-critic learner of `variant` (the three differ only where `Variant` says)."""
     c = cfg.offpolicy
     gains = gains_from_config(cfg.lagrange)
     nets = networks.make_networks(observation_size, action_size, hidden=tuple(cfg.network.hidden),
@@ -80,13 +105,11 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
         hidden=tuple(cfg.network.hidden), action_size=action_size, covariance=cfg.network.covariance,
         mean_clip=10.0))
     policy_optimizer = optax.adam(c.actor_lr)
-    reward_optimizer = optax.adam(c.critic_lr)
-    cost_optimizer = optax.adam(c.critic_lr)
+    critic_optimizers = critics.CriticOptimizers(reward=optax.adam(c.critic_lr), cost=optax.adam(c.critic_lr))
     alpha_optimizer = optax.adam(c.sac_alpha_lr)
     target_entropy = -float(action_size) if c.sac_target_entropy is None else float(c.sac_target_entropy)
-    stochastic = algo == "sac_lag"
-    twin_min = algo in ("sac_lag", "td3_lag")
-    policy_delay = c.policy_delay if algo == "td3_lag" else 1
+    stochastic, twin_min = variant.stochastic, variant.twin_min
+    policy_delay = c.policy_delay if variant.delayed_policy else 1
 
     def reward_q(q_twin: jax.Array) -> jax.Array:
         """[..., 2] -> [...]: the clipped double-Q minimum (SAC, TD3) or the first head (DDPG)."""
@@ -98,8 +121,8 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
         return OffPolicyState(
             params=params, target_params=params,
             policy_opt_state=policy_optimizer.init(params.policy),
-            reward_opt_state=reward_optimizer.init(params.reward_critic),
-            cost_opt_state=cost_optimizer.init(params.cost_critic),
+            reward_opt_state=critic_optimizers.reward.init(params.reward_critic),
+            cost_opt_state=critic_optimizers.cost.init(params.cost_critic),
             log_alpha=log_alpha, alpha_opt_state=alpha_optimizer.init(log_alpha),
             pid=init_pid(gains, cfg.lagrange.initial), num_updates=jnp.int32(0))
 
@@ -109,7 +132,7 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
         if stochastic:
             return squashed_sample(dist, key)
         action = dist.mean
-        if algo == "td3_lag":  # target policy smoothing
+        if variant.target_smoothing:
             noise = jnp.clip(c.target_noise * jax.random.normal(key, action.shape), -c.target_noise_clip,
                              c.target_noise_clip)
             action = action + noise
@@ -127,18 +150,9 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
         next_q_c = nets.cost_critic.apply(state.target_params.cost_critic, batch.next_obs, action)  # [B]
         cost_target = critics.cost_target(batch.cost, batch.terminal, next_q_c, c.gamma)
 
-        (reward_loss, _), reward_grads = jax.value_and_grad(critics.reward_critic_loss, has_aux=True)(
-            state.params.reward_critic, nets.reward_critic.apply, batch.obs, batch.action, reward_target)
-        (cost_loss, _), cost_grads = jax.value_and_grad(critics.cost_critic_loss, has_aux=True)(
-            state.params.cost_critic, nets.cost_critic.apply, batch.obs, batch.action, cost_target)
-        reward_updates, reward_opt_state = reward_optimizer.update(
-            reward_grads, state.reward_opt_state, state.params.reward_critic)
-        cost_updates, cost_opt_state = cost_optimizer.update(cost_grads, state.cost_opt_state, state.params.cost_critic)
-        params = state.params._replace(
-            reward_critic=optax.apply_updates(state.params.reward_critic, reward_updates),
-            cost_critic=optax.apply_updates(state.params.cost_critic, cost_updates))
-        metrics = {"critic/reward_loss": reward_loss, "critic/cost_loss": cost_loss,
-                   "critic/reward_target": jnp.mean(reward_target), "critic/cost_target": jnp.mean(cost_target)}
+        params, (reward_opt_state, cost_opt_state), metrics = critics.critic_step(
+            state.params, (state.reward_opt_state, state.cost_opt_state), critic_optimizers, nets, batch,
+            reward_target, cost_target)
         return state.replace(params=params, reward_opt_state=reward_opt_state, cost_opt_state=cost_opt_state), metrics
 
     def policy_loss(policy_params, state: OffPolicyState, obs: jax.Array, key: jax.Array):
@@ -155,16 +169,17 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
         return loss, {"actor/q_r": jnp.mean(q_r), "actor/q_c": jnp.mean(q_c), "actor/entropy": -jnp.mean(log_prob)}
 
     def policy_step(state: OffPolicyState, obs: jax.Array, key: jax.Array):
-        (loss, aux), grads = jax.value_and_grad(policy_loss, has_aux=True)(state.params.policy, state, obs, key)
-        updates, policy_opt_state = policy_optimizer.update(grads, state.policy_opt_state, state.params.policy)
-        params = state.params._replace(policy=optax.apply_updates(state.params.policy, updates))
+        fit = gradient_step(policy_loss, state.params.policy, state.policy_opt_state, policy_optimizer, state, obs,
+                            key, has_aux=True)
+        loss, aux, policy_opt_state = fit.loss, fit.aux, fit.opt_state
+        params = state.params._replace(policy=fit.params)
         log_alpha, alpha_opt_state = state.log_alpha, state.alpha_opt_state
         if stochastic:
             # Descend −log α·(log π + H_target) in log α: its gradient is the entropy's excess over the target,
             # so α falls while the policy is more random than the target and rises when it is less.
-            alpha_grad = jax.lax.stop_gradient(aux["actor/entropy"] - target_entropy)
-            alpha_updates, alpha_opt_state = alpha_optimizer.update(alpha_grad, alpha_opt_state, log_alpha)
-            log_alpha = optax.apply_updates(log_alpha, alpha_updates)
+            entropy_excess = jax.lax.stop_gradient(aux["actor/entropy"] - target_entropy)
+            temperature = gradient_step(lambda la: la * entropy_excess, log_alpha, alpha_opt_state, alpha_optimizer)
+            log_alpha, alpha_opt_state = temperature.params, temperature.opt_state
         target_params = critics.polyak_update(state.target_params, params, c.polyak)
         state = state.replace(params=params, policy_opt_state=policy_opt_state, log_alpha=log_alpha,
                               alpha_opt_state=alpha_opt_state, target_params=target_params)
@@ -200,5 +215,5 @@ def make_off_policy_learner(cfg: RunConfig, observation_size: int, action_size: 
             action = dist.mean + c.exploration_noise * jax.random.normal(key, dist.mean.shape)
         return jnp.clip(action, -1.0, 1.0)
 
-    return Learner(init=init, update=update, act=act, batch_size=c.batch_size, networks=nets,
-                   observe_episodes=observe_episodes, critic_step=critic_step)
+    return OffPolicyLearner(init=init, update=update, act=act, batch_size=c.batch_size,
+                            observe_episodes=observe_episodes)

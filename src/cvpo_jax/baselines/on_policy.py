@@ -24,13 +24,19 @@ violation is brought to per-step units as c = (J_c − d) / episode_length, with
 the episodes that ended in the rollout (the last such value when none ended), as safety-starter-agents
 divides by the episode length.
 
+The update is built from module-level pure functions, each tested on its own (tests/test_on_policy.py):
+`value_fit.fit_values` (the value fit, shared with CSC), `ppo_step`, `trpo_policy_step` and
+`cpo_policy_step`, the last two on `natural_gradient.natural_gradient` / `natural_gradient_step` (CSC's policy
+step uses those too). The factories `make_ppo_lag_learner`, `make_trpo_lag_learner`, `make_cpo_learner` and
+`make_trpo_learner` (named in `cvpo_jax.algorithms`) only wire them to the networks and the config.
+
 Shape legend: T = rollout length, E = environments, N = T·E samples, O = observation size, A = action size,
 P = flat policy parameters.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +48,15 @@ from cvpo_jax import policy as gaussian
 from cvpo_jax.baselines import natural_gradient as ng
 from cvpo_jax.baselines.advantages import gae, normalise
 from cvpo_jax.baselines.pid_lagrangian import PIDState, gains_from_config, init_pid, pid_update
-from cvpo_jax.baselines.rollout_trainer import OnPolicyLearner, Rollout
+from cvpo_jax.baselines.value_fit import ValueFitSettings, fit_values, minibatch_indices, minibatch_plan
 from cvpo_jax.config import RunConfig
-from cvpo_jax.learner import MemberSettings
+from cvpo_jax.core.contracts import MemberSettings, OnPolicyLearner, Rollout
+from cvpo_jax.core.gradients import gradient_step
 from cvpo_jax.networks import MLP, GaussianPolicyNet
 
-ALGORITHMS = ("ppo_lag", "trpo_lag", "cpo", "trpo")
 _EPS = 1e-8
+# The variants `_make_learner` builds (the public factories at the end of the module name one each).
+_PPO_LAG, _TRPO_LAG, _CPO, _TRPO = "ppo_lag", "trpo_lag", "cpo", "trpo"
 
 
 class OnPolicyParams(NamedTuple):
@@ -135,20 +143,224 @@ def cpo_step(v: jax.Array, w: jax.Array, q: jax.Array, r: jax.Array, s: jax.Arra
     return CPOStep(step=step, case=case, lam=lam, nu=nu)
 
 
-def make_on_policy_learner(cfg: RunConfig, observation_size: int, action_size: int,
-                           episode_length: int) -> OnPolicyLearner:
-    """The learner of `cfg.algo` (one of ALGORITHMS) for the rollout trainer."""
-    algo = cfg.algo
-    if algo not in ALGORITHMS:
-        raise ValueError(f"algo={algo!r} is not an on-policy baseline of this module ({', '.join(ALGORITHMS)})")
+# ----------------------------------------------------------------------------------------------------------
+# The policy steps as pure functions (tested on their own in tests/test_on_policy.py).
+
+
+class PolicyBatch(NamedTuple):
+    """A rollout flattened to N samples, as the policy steps read it (everything held constant)."""
+
+    obs: jax.Array  # [N, O]
+    action: jax.Array  # [N, A] as sampled
+    old_log_prob: jax.Array  # [N] log π_old(action | obs)
+    advantage: jax.Array  # [N] what the surrogate ascends (Â_r, or the combined Lagrangian advantage)
+    cost_advantage: jax.Array  # [N] Â_c: CPO's constraint; only logged by TRPO, ignored by PPO
+    old_dist: gaussian.Gaussian  # π_old at obs: mean [N, A], scale_tril [N, A, A]
+
+
+def mean_kl(apply_policy: Callable, params: Any, obs: jax.Array, old_dist: gaussian.Gaussian) -> jax.Array:
+    """mean_n KL(π_old(·|s_n) ‖ π_params(·|s_n)), []. apply_policy(params, obs [N, O]) -> Gaussian [N]."""
+    return jnp.mean(gaussian.kl(old_dist, apply_policy(params, obs)))
+
+
+def clipped_surrogate(ratio: jax.Array, advantage: jax.Array, clip: float) -> jax.Array:
+    """PPO's mean_n min(ρ_n·A_n, clip(ρ_n, 1 − ε, 1 + ε)·A_n). ratio ρ [N], advantage A [N] -> []."""
+    clipped = jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
+    return jnp.mean(jnp.minimum(ratio * advantage, clipped * advantage))
+
+
+def ppo_loss(params: Any, apply_policy: Callable, batch: PolicyBatch, idx: jax.Array,
+             settings: ng.PolicyStepSettings) -> jax.Array:
+    """−(clipped surrogate + entropy_coef · mean entropy) on the rows idx [M] of `batch`, [].
+
+    apply_policy(params, obs [M, O]) -> Gaussian [M]; ρ = exp(log π_params(a|s) − log π_old(a|s)).
+    """
+    dist = apply_policy(params, batch.obs[idx])
+    ratio = jnp.exp(gaussian.log_prob(dist, batch.action[idx]) - batch.old_log_prob[idx])
+    surrogate = clipped_surrogate(ratio, batch.advantage[idx], settings.ppo_clip)
+    return -(surrogate + settings.entropy_coef * jnp.mean(gaussian.entropy(dist)))
+
+
+class PPOStep(NamedTuple):
+    params: Any  # policy params after the epochs
+    opt_state: Any  # the policy optimiser's state
+    metrics: dict  # "policy/kl", "policy/steps_fraction", "policy/clip_fraction" ([] each)
+
+
+def ppo_step(apply_policy: Callable, optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
+             batch: PolicyBatch, key: jax.Array, settings: ng.PolicyStepSettings) -> PPOStep:
+    """Clipped-surrogate optimiser steps over shuffled minibatches; stop once mean KL(old ‖ new) > 1.5·δ.
+
+    Up to `ppo_epochs` passes of the minibatches of `value_fit.minibatch_plan(N, num_minibatches)`, pass e
+    shuffled by `fold_in(key, e)` (`value_fit.minibatch_indices`). After each step the KL on all N samples is
+    measured, and no further step is taken once it exceeds 1.5·δ (the step that crossed it is kept).
+
+    Args:
+      apply_policy: (params, obs [*S, O]) -> Gaussian [*S].
+      optimizer: the policy's optimiser; opt_state its state.
+      params: policy params at π_old (batch.old_dist is π_old at batch.obs).
+      batch: PolicyBatch; `advantage` is ascended, `cost_advantage` unused.
+      key: shuffles the passes.
+      settings: ppo_epochs, num_minibatches, ppo_clip, entropy_coef, target_kl.
+
+    Returns:
+      PPOStep. metrics: "policy/kl" the last measured KL, "policy/steps_fraction" steps taken / planned (< 1:
+      stopped early), "policy/clip_fraction" the fraction of samples with |ρ − 1| > ε after the steps.
+    """
+    n = batch.obs.shape[0]
+    size, per_pass = minibatch_plan(n, settings.num_minibatches)
+    total = settings.ppo_epochs * per_pass
+
+    def cond(carry):
+        s, _, _, kl = carry
+        return (s < total) & (kl <= 1.5 * settings.target_kl)
+
+    def body(carry):
+        s, params, opt_state, _ = carry
+        idx = minibatch_indices(key, s, n, size, per_pass)
+        stepped = gradient_step(ppo_loss, params, opt_state, optimizer, apply_policy, batch, idx, settings)
+        return s + 1, stepped.params, stepped.opt_state, mean_kl(apply_policy, stepped.params, batch.obs,
+                                                                 batch.old_dist)
+
+    steps, params, opt_state, kl = jax.lax.while_loop(cond, body, (jnp.int32(0), params, opt_state,
+                                                                   jnp.float32(0.0)))
+    dist = apply_policy(params, batch.obs)
+    ratio = jnp.exp(gaussian.log_prob(dist, batch.action) - batch.old_log_prob)
+    metrics = {
+        "policy/kl": kl,
+        "policy/steps_fraction": steps.astype(jnp.float32) / total,  # < 1: stopped early on the KL
+        "policy/clip_fraction": jnp.mean((jnp.abs(ratio - 1.0) > settings.ppo_clip).astype(jnp.float32)),
+    }
+    return PPOStep(params=params, opt_state=opt_state, metrics=metrics)
+
+
+class FlatObjectives(NamedTuple):
+    """The functions of flat policy params [P] -> [] that TRPO and CPO take (`flat_objectives`)."""
+
+    reward_surrogate: Callable  # mean_n ρ_n·advantage_n + entropy_coef · mean entropy
+    cost_surrogate: Callable  # mean_n ρ_n·cost_advantage_n
+    kl: Callable  # mean KL(old ‖ new)
+
+
+def flat_objectives(apply_policy: Callable, unravel: Callable, batch: PolicyBatch,
+                    entropy_coef: float) -> FlatObjectives:
+    """The surrogates and the mean KL of `batch` as functions of flat params (unravel: [P] -> params)."""
+    def new_dist(flat_params):
+        return apply_policy(unravel(flat_params), batch.obs)
+
+    def ratio(dist):  # [N]
+        return jnp.exp(gaussian.log_prob(dist, batch.action) - batch.old_log_prob)
+
+    def reward_surrogate(flat_params):
+        dist = new_dist(flat_params)
+        return jnp.mean(ratio(dist) * batch.advantage) + entropy_coef * jnp.mean(gaussian.entropy(dist))
+
+    def cost_surrogate(flat_params):
+        return jnp.mean(ratio(new_dist(flat_params)) * batch.cost_advantage)
+
+    def kl(flat_params):
+        return jnp.mean(gaussian.kl(batch.old_dist, new_dist(flat_params)))
+
+    return FlatObjectives(reward_surrogate=reward_surrogate, cost_surrogate=cost_surrogate, kl=kl)
+
+
+def _line_search_metrics(objectives: FlatObjectives, flat: jax.Array, new_flat: jax.Array,
+                         step_index: jax.Array, reward_old: jax.Array, reward_new: jax.Array,
+                         kl: jax.Array) -> dict:
+    return {
+        "policy/kl": kl,
+        "policy/line_search_step": step_index.astype(jnp.float32),  # −1: every candidate rejected
+        "policy/accepted": (step_index >= 0).astype(jnp.float32),
+        "policy/surrogate_improvement": reward_new - reward_old,
+        "policy/cost_surrogate_change": objectives.cost_surrogate(new_flat) - objectives.cost_surrogate(flat),
+    }
+
+
+def trpo_policy_step(apply_policy: Callable, params: Any, batch: PolicyBatch,
+                     settings: ng.PolicyStepSettings) -> ng.TrustRegionStep:
+    """TRPO (and TRPO-Lag) on batch.advantage: `ng.natural_gradient_step` on the reward surrogate.
+
+    Args:
+      apply_policy: (params, obs [N, O]) -> Gaussian [N].
+      params: policy params at π_old (batch.old_dist).
+      batch: PolicyBatch; cost_advantage only enters the logged "policy/cost_surrogate_change".
+      settings: target_kl, entropy_coef and the natural-gradient settings.
+
+    Returns:
+      ng.TrustRegionStep; metrics "policy/kl", "policy/line_search_step" (−1: all rejected), "policy/accepted",
+      "policy/surrogate_improvement", "policy/cost_surrogate_change".
+    """
+    flat, unravel = ravel_pytree(params)  # [P]
+    objectives = flat_objectives(apply_policy, unravel, batch, settings.entropy_coef)
+    step = ng.natural_gradient_step(objectives.reward_surrogate, objectives.kl, flat, settings)
+    metrics = _line_search_metrics(objectives, flat, step.params, step.step_index, step.value_old,
+                                   step.value_new, step.kl)
+    return ng.TrustRegionStep(params=unravel(step.params), full_step=step.full_step, metrics=metrics)
+
+
+def cpo_policy_step(apply_policy: Callable, params: Any, batch: PolicyBatch, c: jax.Array,
+                    settings: ng.PolicyStepSettings) -> ng.TrustRegionStep:
+    """CPO: max gᵀx s.t. bᵀx + c ≤ 0, ½ xᵀFx ≤ δ (`cpo_step`), then a line search on the true objectives.
+
+    g and b are the gradients of the reward surrogate (on batch.advantage) and the cost surrogate
+    E[ρ·batch.cost_advantage]; F⁻¹g and F⁻¹b come from conjugate gradient on the damped Fisher matrix. A
+    candidate is accepted when its mean KL is finite and ≤ δ, its cost surrogate rose by at most max(0, −c)
+    and, unless the step is a recovery (cases 0, 1), its reward surrogate improved.
+
+    Args:
+      apply_policy: (params, obs [N, O]) -> Gaussian [N].
+      params: policy params at π_old (batch.old_dist).
+      batch: PolicyBatch.
+      c: [] the constraint value at x = 0 in per-step cost units (positive: violated).
+      settings: target_kl, entropy_coef and the natural-gradient settings.
+
+    Returns:
+      ng.TrustRegionStep; metrics "cpo/case", "cpo/lambda", "cpo/nu", "cpo/c" and those of `trpo_policy_step`.
+    """
+    flat, unravel = ravel_pytree(params)  # [P]
+    objectives = flat_objectives(apply_policy, unravel, batch, settings.entropy_coef)
+    start = ng.natural_gradient(objectives.reward_surrogate, objectives.kl, flat, settings)
+    reward_old, g, v, q, fvp = start.value, start.gradient, start.direction, start.curvature, start.fvp
+    delta = settings.target_kl
+    cost_old, b = jax.value_and_grad(objectives.cost_surrogate)(flat)
+    w = ng.conjugate_gradient(fvp, b, settings.cg_iterations)  # F⁻¹b
+    r, s = jnp.dot(g, w), jnp.dot(w, fvp(w))
+    solution = cpo_step(v, w, q, r, s, c, jnp.dot(b, b), delta)
+    full_step, case = solution.step, solution.case
+
+    def accept(candidate):
+        kl = objectives.kl(candidate)
+        improved = (objectives.reward_surrogate(candidate) > reward_old) | (case <= 1)
+        cost_ok = objectives.cost_surrogate(candidate) - cost_old <= jnp.maximum(-c, 0.0)
+        return jnp.isfinite(kl) & (kl <= delta) & improved & cost_ok
+
+    new_flat, step_index = ng.backtracking_line_search(flat, full_step, accept, settings.line_search_steps,
+                                                       settings.backtrack_coeff)
+    metrics = {"cpo/case": case.astype(jnp.float32), "cpo/lambda": solution.lam, "cpo/nu": solution.nu,
+               "cpo/c": c}
+    metrics.update(_line_search_metrics(objectives, flat, new_flat, step_index, reward_old,
+                                        objectives.reward_surrogate(new_flat), objectives.kl(new_flat)))
+    return ng.TrustRegionStep(params=unravel(new_flat), full_step=full_step, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The learners.
+
+
+def _make_learner(cfg: RunConfig, observation_size: int, action_size: int, variant: str) -> OnPolicyLearner:
+    """The learner of `variant` (ppo_lag, trpo_lag, cpo or trpo) for the rollout trainer."""
+    if variant == _CPO and cfg.episode_length is None:
+        raise ValueError("cpo needs cfg.episode_length to bring the episodic constraint to per-step units")
     o = cfg.onpolicy
+    policy_settings = ng.PolicyStepSettings.from_config(o)
+    value_settings = ValueFitSettings.from_config(o)
     hidden = tuple(int(h) for h in cfg.network.hidden)
     policy_net = GaussianPolicyNet(hidden=hidden, action_size=action_size, covariance=cfg.network.covariance)
     value_net = MLP(hidden, 1)
     policy_optimizer = optax.adam(o.actor_lr)
     value_optimizer = optax.adam(o.value_lr)
     gains = gains_from_config(cfg.lagrange)
-    uses_lagrange = algo in ("ppo_lag", "trpo_lag")
+    uses_lagrange = variant in (_PPO_LAG, _TRPO_LAG)
 
     def values(params: dict, obs: jax.Array) -> jax.Array:  # [*S, O] -> [*S]
         return value_net.apply(params, obs)[..., 0]
@@ -159,7 +371,7 @@ def make_on_policy_learner(cfg: RunConfig, observation_size: int, action_size: i
         params = OnPolicyParams(policy=policy_net.init(policy_key, obs),
                                 reward_value=value_net.init(reward_key, obs),
                                 cost_value=value_net.init(cost_key, obs))
-        policy_opt_state = policy_optimizer.init(params.policy) if algo == "ppo_lag" else optax.EmptyState()
+        policy_opt_state = policy_optimizer.init(params.policy) if variant == _PPO_LAG else optax.EmptyState()
         return OnPolicyState(
             params=params, policy_opt_state=policy_opt_state,
             value_opt_state=value_optimizer.init((params.reward_value, params.cost_value)),
@@ -167,160 +379,13 @@ def make_on_policy_learner(cfg: RunConfig, observation_size: int, action_size: i
 
     def act(params: OnPolicyParams, obs: jax.Array, key: jax.Array, deterministic: bool = False) -> jax.Array:
         """[N, O] -> actions [N, A] inside the action box (the mean when deterministic)."""
-        dist = policy_net.apply(params.policy, obs)
-        action = dist.mean if deterministic else gaussian.sample(dist, key, 1)[:, 0]
-        return jnp.clip(action, -1.0, 1.0)
+        return gaussian.action_in_box(policy_net.apply(params.policy, obs), key, deterministic)
 
     def explore(state: OnPolicyState, obs: jax.Array, key: jax.Array, settings: MemberSettings):
         """[E, O] -> (unclipped sample [E, A], its log-probability [E], no metrics)."""
         dist = policy_net.apply(state.params.policy, obs)
         action = gaussian.sample(dist, key, 1)[:, 0]
         return action, gaussian.log_prob(dist, action), {}
-
-    def minibatch_plan(num_samples: int, num_minibatches: int) -> tuple[int, int]:
-        """(minibatch size, minibatches per pass); the remainder of a shuffled pass is left out."""
-        size = max(1, num_samples // num_minibatches)
-        return size, num_samples // size
-
-    def fit_values(state: OnPolicyState, obs: jax.Array, reward_returns: jax.Array, cost_returns: jax.Array,
-                   key: jax.Array):
-        """`value_epochs` shuffled passes of minibatch Adam steps on the squared error to the λ-returns.
-
-        obs [N, O], returns [N]. Returns (reward params, cost params, Adam state, final losses).
-        """
-        n = obs.shape[0]
-        size, per_pass = minibatch_plan(n, o.num_minibatches)
-
-        def loss(value_params, idx):
-            reward_params, cost_params = value_params
-            batch = obs[idx]
-            reward_loss = jnp.mean(jnp.square(values(reward_params, batch) - reward_returns[idx]))
-            cost_loss = jnp.mean(jnp.square(values(cost_params, batch) - cost_returns[idx]))
-            return reward_loss + cost_loss
-
-        def step(carry, s):
-            value_params, opt_state = carry
-            perm = jax.random.permutation(jax.random.fold_in(key, s // per_pass), n)
-            idx = jax.lax.dynamic_slice_in_dim(perm, (s % per_pass) * size, size)
-            grads = jax.grad(loss)(value_params, idx)
-            updates, opt_state = value_optimizer.update(grads, opt_state, value_params)
-            return (optax.apply_updates(value_params, updates), opt_state), None
-
-        (value_params, opt_state), _ = jax.lax.scan(
-            step, ((state.params.reward_value, state.params.cost_value), state.value_opt_state),
-            jnp.arange(o.value_epochs * per_pass))
-        reward_params, cost_params = value_params
-        reward_loss = jnp.mean(jnp.square(values(reward_params, obs) - reward_returns))
-        cost_loss = jnp.mean(jnp.square(values(cost_params, obs) - cost_returns))
-        return reward_params, cost_params, opt_state, reward_loss, cost_loss
-
-    def ppo_step(state: OnPolicyState, obs, action, old_log_prob, advantage, old_dist, key):
-        """Clipped-surrogate Adam steps over shuffled minibatches; stop once mean KL(old ‖ new) > 1.5·δ.
-
-        obs [N, O], action [N, A], old_log_prob [N], advantage [N]. Returns (params, Adam state, metrics).
-        """
-        n = obs.shape[0]
-        size, per_pass = minibatch_plan(n, o.num_minibatches)
-        total = o.ppo_epochs * per_pass
-
-        def loss(params, idx):
-            dist = policy_net.apply(params, obs[idx])
-            ratio = jnp.exp(gaussian.log_prob(dist, action[idx]) - old_log_prob[idx])
-            adv = advantage[idx]
-            clipped = jnp.clip(ratio, 1.0 - o.ppo_clip, 1.0 + o.ppo_clip)
-            surrogate = jnp.mean(jnp.minimum(ratio * adv, clipped * adv))
-            return -(surrogate + o.entropy_coef * jnp.mean(gaussian.entropy(dist)))
-
-        def mean_kl(params):
-            return jnp.mean(gaussian.kl(old_dist, policy_net.apply(params, obs)))
-
-        def cond(carry):
-            s, _, _, kl = carry
-            return (s < total) & (kl <= 1.5 * o.target_kl)
-
-        def body(carry):
-            s, params, opt_state, _ = carry
-            perm = jax.random.permutation(jax.random.fold_in(key, s // per_pass), n)
-            idx = jax.lax.dynamic_slice_in_dim(perm, (s % per_pass) * size, size)
-            grads = jax.grad(loss)(params, idx)
-            updates, opt_state = policy_optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return s + 1, params, opt_state, mean_kl(params)
-
-        steps, params, opt_state, kl = jax.lax.while_loop(
-            cond, body, (jnp.int32(0), state.params.policy, state.policy_opt_state, jnp.float32(0.0)))
-        dist = policy_net.apply(params, obs)
-        ratio = jnp.exp(gaussian.log_prob(dist, action) - old_log_prob)
-        metrics = {
-            "policy/kl": kl,
-            "policy/steps_fraction": steps.astype(jnp.float32) / total,  # < 1: stopped early on the KL
-            "policy/clip_fraction": jnp.mean((jnp.abs(ratio - 1.0) > o.ppo_clip).astype(jnp.float32)),
-        }
-        return params, opt_state, metrics
-
-    def natural_gradient_step(state: OnPolicyState, obs, action, old_log_prob, advantage, cost_advantage,
-                              old_dist, c):
-        """TRPO on `advantage` (c unused), or CPO with the cost surrogate E[ratio·cost_advantage] ≤ −c.
-
-        obs [N, O], action [N, A], old_log_prob/advantage/cost_advantage [N], c []. Returns (params, metrics).
-        """
-        flat, unravel = ravel_pytree(state.params.policy)  # [P]
-
-        def new_dist(flat_params):
-            return policy_net.apply(unravel(flat_params), obs)
-
-        def ratio(dist):
-            return jnp.exp(gaussian.log_prob(dist, action) - old_log_prob)
-
-        def reward_surrogate(flat_params):
-            dist = new_dist(flat_params)
-            return jnp.mean(ratio(dist) * advantage) + o.entropy_coef * jnp.mean(gaussian.entropy(dist))
-
-        def cost_surrogate(flat_params):
-            return jnp.mean(ratio(new_dist(flat_params)) * cost_advantage)
-
-        def mean_kl(flat_params):
-            return jnp.mean(gaussian.kl(old_dist, new_dist(flat_params)))
-
-        reward_old, g = jax.value_and_grad(reward_surrogate)(flat)
-        fvp = ng.fisher_vector_product(mean_kl, flat, o.cg_damping)
-        v = ng.conjugate_gradient(fvp, g, o.cg_iterations)  # F⁻¹g
-        q = jnp.dot(v, fvp(v))  # gᵀF⁻¹g through the (approximate) solution, as the reference codes
-        delta = o.target_kl
-        metrics = {}
-        if algo == "cpo":
-            cost_old, b = jax.value_and_grad(cost_surrogate)(flat)
-            w = ng.conjugate_gradient(fvp, b, o.cg_iterations)  # F⁻¹b
-            r, s = jnp.dot(g, w), jnp.dot(w, fvp(w))
-            solution = cpo_step(v, w, q, r, s, c, jnp.dot(b, b), delta)
-            full_step, case = solution.step, solution.case
-
-            def accept(candidate):
-                kl = mean_kl(candidate)
-                improved = (reward_surrogate(candidate) > reward_old) | (case <= 1)
-                cost_ok = cost_surrogate(candidate) - cost_old <= jnp.maximum(-c, 0.0)
-                return jnp.isfinite(kl) & (kl <= delta) & improved & cost_ok
-
-            metrics.update({"cpo/case": case.astype(jnp.float32), "cpo/lambda": solution.lam,
-                            "cpo/nu": solution.nu, "cpo/c": c})
-        else:
-            # Scale the direction so the quadratic model of the KL equals δ: ½ xᵀFx = δ.
-            full_step = jnp.sqrt(2.0 * delta / (q + _EPS)) * v
-
-            def accept(candidate):
-                kl = mean_kl(candidate)
-                return jnp.isfinite(kl) & (kl <= delta) & (reward_surrogate(candidate) > reward_old)
-
-        new_flat, step_index = ng.backtracking_line_search(flat, full_step, accept, o.line_search_steps,
-                                                           o.backtrack_coeff)
-        metrics.update({
-            "policy/kl": mean_kl(new_flat),
-            "policy/line_search_step": step_index.astype(jnp.float32),  # −1: every candidate rejected
-            "policy/accepted": (step_index >= 0).astype(jnp.float32),
-            "policy/surrogate_improvement": reward_surrogate(new_flat) - reward_old,
-            "policy/cost_surrogate_change": cost_surrogate(new_flat) - cost_surrogate(flat),
-        })
-        return unravel(new_flat), metrics
 
     def update(state: OnPolicyState, rollout: Rollout, episode_cost: jax.Array, settings: MemberSettings,
                key: jax.Array):
@@ -349,26 +414,31 @@ def make_on_policy_learner(cfg: RunConfig, observation_size: int, action_size: i
         old_dist = jax.lax.stop_gradient(policy_net.apply(params.policy, obs))
         policy_key, value_key = jax.random.split(key)
         policy_opt_state = state.policy_opt_state
-        if algo == "cpo":
+        if variant == _CPO:
             cost_adv_c = flat(cost_adv) - jnp.mean(cost_adv)  # centred only: the constraint is in cost units
-            c = (cost_estimate - settings.cost_limit) / episode_length
-            policy_params, policy_metrics = natural_gradient_step(
-                state, obs, action, old_log_prob, reward_adv_n, cost_adv_c, old_dist, c)
+            c = (cost_estimate - settings.cost_limit) / int(cfg.episode_length)
+            batch = PolicyBatch(obs, action, old_log_prob, reward_adv_n, cost_adv_c, old_dist)
+            step = cpo_policy_step(policy_net.apply, params.policy, batch, c, policy_settings)
+            policy_params, policy_metrics = step.params, step.metrics
         else:
             cost_adv_n = normalise(flat(cost_adv))
             combined = (reward_adv_n - lam * cost_adv_n) / (1.0 + lam)
-            if algo == "ppo_lag":
-                policy_params, policy_opt_state, policy_metrics = ppo_step(
-                    state, obs, action, old_log_prob, combined, old_dist, policy_key)
+            batch = PolicyBatch(obs, action, old_log_prob, combined, cost_adv_n, old_dist)
+            if variant == _PPO_LAG:
+                step = ppo_step(policy_net.apply, policy_optimizer, params.policy, state.policy_opt_state, batch,
+                                policy_key, policy_settings)
+                policy_params, policy_opt_state, policy_metrics = step.params, step.opt_state, step.metrics
             else:
-                policy_params, policy_metrics = natural_gradient_step(
-                    state, obs, action, old_log_prob, combined, cost_adv_n, old_dist, jnp.float32(0.0))
+                step = trpo_policy_step(policy_net.apply, params.policy, batch, policy_settings)
+                policy_params, policy_metrics = step.params, step.metrics
 
-        reward_params, cost_params, value_opt_state, reward_loss, cost_loss = fit_values(
-            state, obs, flat(reward_returns), flat(cost_returns), value_key)
+        fitted = fit_values(values, value_optimizer, (params.reward_value, params.cost_value),
+                            state.value_opt_state, obs, (flat(reward_returns), flat(cost_returns)), value_key,
+                            value_settings)
+        (reward_params, cost_params), (reward_loss, cost_loss) = fitted.params, fitted.losses
         new_params = OnPolicyParams(policy=policy_params, reward_value=reward_params, cost_value=cost_params)
         new_state = OnPolicyState(params=new_params, policy_opt_state=policy_opt_state,
-                                  value_opt_state=value_opt_state, pid=pid, episode_cost=cost_estimate,
+                                  value_opt_state=fitted.opt_state, pid=pid, episode_cost=cost_estimate,
                                   num_updates=state.num_updates + 1)
         entropy = jnp.mean(gaussian.entropy(policy_net.apply(policy_params, obs)))
         metrics = {
@@ -384,3 +454,23 @@ def make_on_policy_learner(cfg: RunConfig, observation_size: int, action_size: i
         return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
     return OnPolicyLearner(init=init, act=act, explore=explore, update=update)
+
+
+def make_ppo_lag_learner(cfg: RunConfig, observation_size: int, action_size: int) -> OnPolicyLearner:
+    """PPO with the PID Lagrange multiplier (`ppo_step` on the combined advantage)."""
+    return _make_learner(cfg, observation_size, action_size, _PPO_LAG)
+
+
+def make_trpo_lag_learner(cfg: RunConfig, observation_size: int, action_size: int) -> OnPolicyLearner:
+    """TRPO with the PID Lagrange multiplier (`trpo_policy_step` on the combined advantage)."""
+    return _make_learner(cfg, observation_size, action_size, _TRPO_LAG)
+
+
+def make_cpo_learner(cfg: RunConfig, observation_size: int, action_size: int) -> OnPolicyLearner:
+    """CPO (`cpo_policy_step`); needs `cfg.episode_length` for its per-step constraint value c."""
+    return _make_learner(cfg, observation_size, action_size, _CPO)
+
+
+def make_trpo_learner(cfg: RunConfig, observation_size: int, action_size: int) -> OnPolicyLearner:
+    """Unconstrained TRPO: trpo_lag with λ = 0 always (the cost value is still fitted and logged)."""
+    return _make_learner(cfg, observation_size, action_size, _TRPO)

@@ -33,7 +33,8 @@ import cvpo_jax  # noqa: F401  (filters jaxopt's deprecation warning before jaxo
 import jax
 import jax.numpy as jnp
 
-from cvpo_jax.estep import cost_threshold_from_episode_limit, solve_dual
+from cvpo_jax.core.members import cost_threshold_from_episode_limit
+from cvpo_jax.estep import solve_dual
 
 KL_BOUND = 0.1  # ε, paper Table 1
 COST_THRESHOLD = cost_threshold_from_episode_limit(10, 400, 0.99)  # ε1 = 2.455 (Goal/Button tasks)

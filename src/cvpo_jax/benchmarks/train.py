@@ -47,20 +47,17 @@ def _timed_compile(fn: Callable[[], object]) -> float:
 
 
 def bench_seeds(run_args: list[str], num_seeds: int, repeats: int) -> dict:
-    from cvpo_jax import envs
-    from cvpo_jax.algorithms import make_trainer
-    from cvpo_jax.config import OFF_POLICY_ALGORITHMS
-    from cvpo_jax.trainer import member_keys, member_settings
+    from cvpo_jax import algorithms, envs
+    from cvpo_jax.core.members import SweepMembers
 
     cfg = load_config(run_args + [f"num_seeds={num_seeds}", "progress=false"], envs.names())
     env = envs.make(cfg.env)
     fill_task_presets(cfg, env)  # as run does: csc converts episodic costs with cfg.episode_length
-    trainer = make_trainer(cfg, env, cfg.episode_length)
-    settings = member_settings(cfg, cfg.episode_length)
-    n = num_seeds
-    keys = member_keys(cfg)
-    result: dict = {"algo": cfg.algo, "num_seeds": n}
-    if cfg.algo in OFF_POLICY_ALGORITHMS:
+    trainer = algorithms.make_trainer(cfg, env)
+    members = SweepMembers.from_config(cfg)
+    settings, keys = members.settings(), members.keys()
+    result: dict = {"algo": cfg.algo, "num_seeds": num_seeds}
+    if algorithms.get(cfg.algo).trainer == algorithms.REPLAY:
         result.update(_time_updates(cfg, env, trainer.learner, settings, keys, repeats))
     result.update(_time_loop(cfg, trainer, settings, keys, repeats))
     return result
@@ -68,7 +65,7 @@ def bench_seeds(run_args: list[str], num_seeds: int, repeats: int) -> dict:
 
 def _time_updates(cfg, env, learner, settings, keys, repeats: int) -> dict:
     """The replay learners' update on a noise batch; CVPO's also split into its three phases."""
-    from cvpo_jax.replay import Transition
+    from cvpo_jax.core.replay import Transition
 
     n, b = keys.shape[0], learner.batch_size
     init_learner = jax.jit(jax.vmap(learner.init))
@@ -86,15 +83,18 @@ def _time_updates(cfg, env, learner, settings, keys, repeats: int) -> dict:
     full = jax.jit(jax.vmap(learner.update))
     phases = {"update": lambda: full(learner_state, batch, settings, update_keys)}
     result: dict = {}
-    if learner.estep_step is not None:  # CVPO
-        critic = jax.jit(jax.vmap(learner.critic_step))
-        estep = jax.jit(jax.vmap(learner.estep_step))
-        old_dist, particles, _, _, solution = estep(learner_state, batch, settings, update_keys)
-        mstep = jax.jit(jax.vmap(learner.mstep_step))
+    if cfg.algo == "cvpo":  # timed phase by phase too
+        from cvpo_jax.cvpo import make_cvpo
+
+        cvpo_phases = make_cvpo(cfg, env.observation_size, env.action_size)[1]
+        critic = jax.jit(jax.vmap(cvpo_phases.critic_step))
+        estep = jax.jit(jax.vmap(cvpo_phases.estep_step))
+        targets, _, _, solution = estep(learner_state, batch, settings, update_keys)
+        mstep = jax.jit(jax.vmap(cvpo_phases.mstep_step))
         phases = {
             "critic": lambda: critic(learner_state, batch, update_keys),
             "estep": lambda: estep(learner_state, batch, settings, update_keys),
-            "mstep": lambda: mstep(learner_state, batch.obs, particles, solution.weights, old_dist),
+            "mstep": lambda: mstep(learner_state, targets),
             **phases,
         }
         result["estep_iterations"] = float(np.mean(solution.iterations))

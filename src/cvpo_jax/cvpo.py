@@ -1,13 +1,13 @@
-"""The CVPO update: critics, E-step, M-step and polyak averaging fused into one pure function.
+"""The CVPO learner: critics, E-step, M-step and polyak averaging fused into one pure update.
 
-`make_learner(...)` closes over the networks and optimisers and returns pure functions of
-`(LearnerState, batch, settings, key) -> (LearnerState, metrics)`. The three phases are also exposed one by
-one so the benchmark can time them apart.
+`make_cvpo(...)` closes over the networks and optimisers and returns the `OffPolicyLearner` the replay
+trainer drives, `update(state, batch, settings, key) -> (state, metrics)`, together with its three phases
+(`CVPOPhases`), which the train benchmark times one by one.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,22 +16,12 @@ from flax import struct
 
 from cvpo_jax import critics, estep, mstep, networks, policy
 from cvpo_jax.config import RunConfig
-from cvpo_jax.replay import Transition
-
-
-class MemberSettings(NamedTuple):
-    """Scalar settings that may differ between the members of a vmapped sweep (all traced, no recompile).
-
-    Every algorithm gets the same settings and reads what it needs.
-    """
-
-    cost_threshold: jax.Array  # ε1: per-state threshold on Q_c derived from the episodic cost limit
-    kl_bound: jax.Array  # ε: E-step KL bound
-    cost_limit: jax.Array  # the episodic cost limit itself (Lagrangian baselines, CSC)
+from cvpo_jax.core.contracts import MemberSettings, OffPolicyLearner
+from cvpo_jax.core.replay import Transition
 
 
 @struct.dataclass
-class LearnerState:
+class CVPOState:
     params: networks.NetworkParams
     target_params: networks.NetworkParams  # polyak averages; the target policy is the E-step's "old" policy
     policy_opt_state: optax.OptState
@@ -42,20 +32,24 @@ class LearnerState:
     num_updates: jax.Array  # int32
 
 
-class Learner(NamedTuple):
-    """An off-policy learner as the replay trainer drives it; CVPO and the off-policy baselines fill it."""
+class EStepSettings(NamedTuple):
+    """The E-step's settings: particles per state and how the dual is solved (`estep.solve_dual`)."""
 
-    init: Callable[[jax.Array], LearnerState]
-    update: Callable  # (state, batch, settings, key) -> (state, metrics)
-    act: Callable  # (params, obs, key, deterministic) -> action [N, A] inside the action box
-    batch_size: int  # replay transitions per update
-    networks: object
-    # (state, mean episodic cost [], settings) -> state; called when a batch of episodes has ended (PID λ).
-    observe_episodes: Optional[Callable] = None
-    # CVPO's phases, timed apart by the train benchmark.
-    critic_step: Optional[Callable] = None  # (state, batch, key) -> (state, metrics)
-    estep_step: Optional[Callable] = None  # (state, batch, settings, key) -> (old_dist, particles, q_r, q_c, sol)
-    mstep_step: Optional[Callable] = None  # (state, obs, particles, weights, old_dist) -> (state, metrics)
+    num_particles: int  # K
+    per_state: bool  # one (η, λ) per state (Remark 4) instead of one for the batch
+    max_iter: int  # L-BFGS-B iteration cap
+
+    @classmethod
+    def from_config(cls, c) -> "EStepSettings":
+        return cls(num_particles=c.num_particles, per_state=c.per_state_dual, max_iter=c.dual_max_iter)
+
+
+class CVPOPhases(NamedTuple):
+    """The three phases of one update, for timing them apart (`python -m cvpo_jax.bench train`)."""
+
+    critic_step: Callable  # (state, batch, key) -> (state, metrics)
+    estep_step: Callable  # (state, batch, settings, key) -> (MStepTargets, q_r, q_c, DualSolution)
+    mstep_step: Callable  # (state, MStepTargets) -> (state, metrics)
 
 
 # NaN asks solve_dual for its scale-aware first start (λ = 0, η from the spread of Q_r) instead of the
@@ -63,32 +57,33 @@ class Learner(NamedTuple):
 INITIAL_DUAL = (float("nan"), float("nan"))
 
 
-def make_learner(cfg: RunConfig, observation_size: int, action_size: int) -> Learner:
+def make_cvpo(cfg: RunConfig, observation_size: int, action_size: int) -> tuple[OffPolicyLearner, CVPOPhases]:
     c = cfg.cvpo
+    estep_settings = EStepSettings.from_config(c)
+    mstep_settings = mstep.MStepSettings.from_config(c)
     nets = networks.make_networks(observation_size, action_size, hidden=tuple(cfg.network.hidden),
                                   covariance=cfg.network.covariance)
     # The policy's gradient-norm clip (original: 0.01) is applied inside mstep_update, torch-style.
     policy_optimizer = optax.adam(c.actor_lr)
-    reward_optimizer = optax.adam(c.critic_lr)
-    cost_optimizer = optax.adam(c.critic_lr)
+    critic_optimizers = critics.CriticOptimizers(reward=optax.adam(c.critic_lr), cost=optax.adam(c.critic_lr))
 
     def apply_policy(params, obs):
         return nets.policy.apply(params, obs)
 
-    def init(key: jax.Array) -> LearnerState:
+    def init(key: jax.Array) -> CVPOState:
         params = networks.init_params(nets, key, observation_size, action_size)
-        return LearnerState(
+        return CVPOState(
             params=params,
             target_params=params,
             policy_opt_state=policy_optimizer.init(params.policy),
-            reward_opt_state=reward_optimizer.init(params.reward_critic),
-            cost_opt_state=cost_optimizer.init(params.cost_critic),
+            reward_opt_state=critic_optimizers.reward.init(params.reward_critic),
+            cost_opt_state=critic_optimizers.cost.init(params.cost_critic),
             mstep_duals=mstep.init_mstep_duals(),
             dual_warm_start=jnp.asarray(INITIAL_DUAL, jnp.float32),
             num_updates=jnp.int32(0),
         )
 
-    def critic_step(state: LearnerState, batch: Transition, key: jax.Array):
+    def critic_step(state: CVPOState, batch: Transition, key: jax.Array):
         """One gradient step of the twin reward critics and the cost critic (eqs. 74-77)."""
         # The next action comes from the current policy, as in the original code; the targets from the
         # target critics.
@@ -100,32 +95,16 @@ def make_learner(cfg: RunConfig, observation_size: int, action_size: int) -> Lea
         next_q_c = nets.cost_critic.apply(state.target_params.cost_critic, batch.next_obs, next_action)
         reward_target = critics.reward_target(batch.reward, batch.terminal, next_q_r, c.gamma)  # [B]
         cost_target = critics.cost_target(batch.cost, batch.terminal, next_q_c, c.gamma)  # [B]
-
-        (reward_loss, reward_aux), reward_grads = jax.value_and_grad(critics.reward_critic_loss, has_aux=True)(
-            state.params.reward_critic, nets.reward_critic.apply, batch.obs, batch.action, reward_target)
-        (cost_loss, cost_aux), cost_grads = jax.value_and_grad(critics.cost_critic_loss, has_aux=True)(
-            state.params.cost_critic, nets.cost_critic.apply, batch.obs, batch.action, cost_target)
-        reward_updates, reward_opt_state = reward_optimizer.update(
-            reward_grads, state.reward_opt_state, state.params.reward_critic)
-        cost_updates, cost_opt_state = cost_optimizer.update(
-            cost_grads, state.cost_opt_state, state.params.cost_critic)
-        params = state.params._replace(
-            reward_critic=optax.apply_updates(state.params.reward_critic, reward_updates),
-            cost_critic=optax.apply_updates(state.params.cost_critic, cost_updates),
-        )
-        metrics = {
-            "critic/reward_loss": reward_loss,
-            "critic/cost_loss": cost_loss,
-            "critic/reward_target": jnp.mean(reward_target),
-            "critic/cost_target": jnp.mean(cost_target),
-        }
+        params, (reward_opt_state, cost_opt_state), metrics = critics.critic_step(
+            state.params, (state.reward_opt_state, state.cost_opt_state), critic_optimizers, nets, batch,
+            reward_target, cost_target)
         return state.replace(params=params, reward_opt_state=reward_opt_state,
                              cost_opt_state=cost_opt_state), metrics
 
-    def estep_step(state: LearnerState, batch: Transition, settings: MemberSettings, key: jax.Array):
+    def estep_step(state: CVPOState, batch: Transition, settings: MemberSettings, key: jax.Array):
         """Particles from the target policy, target Q values, and the dual solve (Algorithm 2, lines 8-14)."""
         old_dist = apply_policy(state.target_params.policy, batch.obs)  # [B]
-        particles = policy.sample(old_dist, key, c.num_particles)  # [B, K, A]
+        particles = policy.sample(old_dist, key, estep_settings.num_particles)  # [B, K, A]
         executed = jnp.clip(particles, -1.0, 1.0)  # what the env would run (see critic_step)
         q_r_twin = nets.reward_critic.apply(state.target_params.reward_critic, batch.obs, executed)  # [B, K, 2]
         q_r = jnp.min(q_r_twin, axis=-1)  # [B, K]
@@ -133,27 +112,23 @@ def make_learner(cfg: RunConfig, observation_size: int, action_size: int) -> Lea
         solution = estep.solve_dual(
             q_r, q_c, cost_threshold=settings.cost_threshold, kl_bound=settings.kl_bound,
             init=(state.dual_warm_start[0], state.dual_warm_start[1]),
-            per_state=c.per_state_dual, max_iter=c.dual_max_iter)
-        return old_dist, particles, q_r, q_c, solution
+            per_state=estep_settings.per_state, max_iter=estep_settings.max_iter)
+        targets = mstep.MStepTargets(obs=batch.obs, particles=particles, weights=solution.weights, old=old_dist)
+        return targets, q_r, q_c, solution
 
-    def mstep_step(state: LearnerState, obs, particles, weights, old_dist):
+    def mstep_step(state: CVPOState, targets: mstep.MStepTargets):
         """M weighted maximum-likelihood steps inside the decoupled KL trust region (eqs. 79-83)."""
         policy_params, policy_opt_state, duals, metrics = mstep.mstep_update(
             state.params.policy, state.policy_opt_state, state.mstep_duals, policy_optimizer, apply_policy,
-            obs, particles, weights, old_dist,
-            num_steps=c.mstep_iterations,
-            kl_mean_bound=c.kl_mean_bound, kl_cov_bound=c.kl_cov_bound,
-            lr_mean=c.dual_lr_mean, lr_cov=c.dual_lr_cov,
-            max_mean=c.dual_max_mean, max_cov=c.dual_max_cov, max_grad_norm=c.actor_grad_clip,
-            average_over_particles=c.mstep_mean_over_particles)
+            targets, mstep_settings, num_steps=c.mstep_iterations)
         params = state.params._replace(policy=policy_params)
         return state.replace(params=params, policy_opt_state=policy_opt_state, mstep_duals=duals), metrics
 
-    def update(state: LearnerState, batch: Transition, settings: MemberSettings, key: jax.Array):
+    def update(state: CVPOState, batch: Transition, settings: MemberSettings, key: jax.Array):
         critic_key, particle_key = jax.random.split(key)
         state, critic_metrics = critic_step(state, batch, critic_key)
-        old_dist, particles, q_r, q_c, solution = estep_step(state, batch, settings, particle_key)
-        state, mstep_metrics = mstep_step(state, batch.obs, particles, solution.weights, old_dist)
+        targets, q_r, q_c, solution = estep_step(state, batch, settings, particle_key)
+        state, mstep_metrics = mstep_step(state, targets)
         # Warm-start the next solve from this one (a per-state solve warm-starts from its batch means).
         warm = jnp.stack([jnp.mean(solution.eta), jnp.mean(solution.lam)])
         target_params = critics.polyak_update(state.target_params, state.params, c.polyak)
@@ -176,9 +151,12 @@ def make_learner(cfg: RunConfig, observation_size: int, action_size: int) -> Lea
 
     def act(params: networks.NetworkParams, obs: jax.Array, key: jax.Array, deterministic: bool = False):
         """Actions for a batch of observations [N, O] -> [N, A], clipped to the action box."""
-        dist = apply_policy(params.policy, obs)
-        action = dist.mean if deterministic else policy.sample(dist, key, 1)[:, 0]
-        return jnp.clip(action, -1.0, 1.0)
+        return policy.action_in_box(apply_policy(params.policy, obs), key, deterministic)
 
-    return Learner(init=init, update=update, act=act, batch_size=c.batch_size, networks=nets,
-                   critic_step=critic_step, estep_step=estep_step, mstep_step=mstep_step)
+    learner = OffPolicyLearner(init=init, update=update, act=act, batch_size=c.batch_size)
+    return learner, CVPOPhases(critic_step=critic_step, estep_step=estep_step, mstep_step=mstep_step)
+
+
+def make_cvpo_learner(cfg: RunConfig, observation_size: int, action_size: int) -> OffPolicyLearner:
+    """The algorithm table's factory: CVPO's learner alone."""
+    return make_cvpo(cfg, observation_size, action_size)[0]
