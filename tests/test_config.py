@@ -14,7 +14,26 @@ def test_defaults_follow_paper_table_1():
     c = cfg.cvpo
     assert cfg.network.hidden == [256, 256]
     assert (c.gamma, c.polyak, c.batch_size, c.num_particles, c.mstep_iterations) == (0.99, 0.995, 300, 32, 6)
-    assert (c.critic_lr, c.actor_lr, c.kl_bound, c.kl_mean_bound, c.kl_cov_bound) == (1e-3, 2e-3, 0.1, 1e-3, 1e-4)
+    # ε_Σ as the authors' released config (1e-3); Table 1 prints 1e-4 (see config.CVPOConfig.kl_cov_bound).
+    assert (c.critic_lr, c.actor_lr, c.kl_bound, c.kl_mean_bound, c.kl_cov_bound) == (1e-3, 2e-3, 0.1, 1e-3, 1e-3)
+    # The authors' schedule: 4000 random steps, then 2000 updates, then 0.133 updates per env step; 20 evaluations.
+    assert (cfg.warmup_env_steps, cfg.warmup_updates, cfg.eval_episodes) == (4000, None, 20)
+    assert cfg.updates_per_iteration / cfg.num_envs == pytest.approx(40 / 300)
+
+
+def test_off_policy_baselines_follow_the_authors_released_code():
+    from cvpo_jax.config import warmup_updates
+
+    for algo in ("sac_lag", "td3_lag", "ddpg_lag"):
+        cfg = load_config([f"algo={algo}"], NAMES)
+        o = cfg.offpolicy
+        assert (o.multiplier, o.qc_pid_kp, o.qc_pid_ki, o.qc_pid_kd) == ("qc_pid", 0.1, 0.003, 0.001)
+        assert (o.sac_initial_alpha, o.sac_tune_alpha, o.normalize_by_multiplier) == (0.0085, False, False)
+        assert cfg.replay_capacity == 20_000 and o.batch_size == 300 and warmup_updates(cfg) == 2000
+        assert o.actor_lr == (3e-4 if algo == "ddpg_lag" else 1e-3)
+    # On-policy methods keep their own settings: no replay-protocol presets.
+    ppo = load_config(["algo=ppo_lag"], NAMES)
+    assert (ppo.num_envs, ppo.updates_per_iteration, ppo.replay_capacity) == (8, 1, 80_000)
 
 
 def test_nested_overrides_and_types():
@@ -30,6 +49,18 @@ def test_env_preset_then_user_override():
     assert load_config(["env=point_goal"], NAMES).cvpo.num_particles == 32
 
 
+def test_car_circle_preset_is_the_authors_circle_protocol_for_every_off_policy_method():
+    for algo in ("cvpo", "sac_lag", "ddpg_lag"):
+        cfg = load_config(["env=car_circle", f"algo={algo}"], NAMES)
+        assert (cfg.warmup_env_steps, cfg.replay_capacity) == (2000, 8000)  # the env preset beats the algo's
+        assert cfg.updates_per_iteration / cfg.num_envs == pytest.approx(28 / 300, rel=0.01)
+        assert (cfg.offpolicy.actor_lr, cfg.offpolicy.critic_lr) == (6.4e-3, 1.5e-3)
+    cvpo = load_config(["env=car_circle"], NAMES).cvpo
+    assert (cvpo.num_particles, cvpo.mstep_iterations, cvpo.actor_lr, cvpo.critic_lr) == (64, 29, 6.4e-3, 1.5e-3)
+    assert load_config(["env=car_circle", "algo=trpo"], NAMES).warmup_env_steps == 4000  # not an off-policy one
+    assert load_config(["env=car_circle", "algo=sac_lag", "replay_capacity=5000"], NAMES).replay_capacity == 5000
+
+
 @pytest.mark.parametrize("arg, words", [
     ("cvpo.num_particle=3", ["unknown option 'cvpo.num_particle'", "cvpo.num_particles"]),
     ("cvpo.num_particles=abc", ["cvpo.num_particles=abc", "int"]),
@@ -42,11 +73,15 @@ def test_env_preset_then_user_override():
     ("network.covariance=weird", ["network.covariance", "full, diag"]),
     ("cvpo.gamma=1.5", ["cvpo.gamma", "(0, 1)"]),
     ("sweep.cost_limits=[5,-1]", ["sweep.cost_limits", ">= 0"]),
-    ("replay_capacity=10", ["replay_capacity", "cvpo.batch_size"]),
+    ("replay_capacity=100", ["replay_capacity", "cvpo.batch_size"]),
     ("algo=sac_lag replay_capacity=100", ["replay_capacity", "offpolicy.batch_size"]),
     ("algo=sacc_lag", ["algo", "sac_lag"]),
     ("lagrange.kp=-1", ["lagrange.kp", ">= 0"]),
     ("onpolicy.gae_lambda=2", ["onpolicy.gae_lambda", "[0, 1]"]),
+    ("offpolicy.multiplier=lagrange", ["offpolicy.multiplier", "qc_pid, episodic_pid"]),
+    ("warmup_updates=-1", ["warmup_updates", ">= 0"]),
+    ("warmup_env_steps=0 warmup_updates=10", ["warmup_updates", "warmup_env_steps > 0"]),
+    ("checkpoints_kept=0", ["checkpoints_kept", ">= 1"]),
     ("novalue", ["key=value"]),
 ])
 def test_bad_values_give_one_line_errors(arg, words):

@@ -25,7 +25,8 @@ LEARN = ["sweep.cost_limits=[5,1000]", "total_env_steps=6000", "eval_every_env_s
 SHORT_ENV_STEPS = 2000  # the killed-and-resumed run
 TINY = [
     "env=speed_limit", "network.hidden=[32,32]", "cvpo.batch_size=64", "cvpo.num_particles=16",
-    "num_envs=4", "chunk_env_steps=400", "warmup_env_steps=200", "cvpo.gamma=0.9", "cvpo.polyak=0.95",
+    "num_envs=4", "updates_per_iteration=1", "chunk_env_steps=400", "warmup_env_steps=200", "cvpo.gamma=0.9",
+    "cvpo.polyak=0.95",
     "eval_episodes=4", "progress=false", "cvpo.kl_mean_bound=0.01", "cvpo.kl_cov_bound=0.001",
 ]
 
@@ -179,3 +180,39 @@ def test_members_shard_over_two_fake_devices(tmp_path):
          f"out_dir={tmp_path}", "run_name=sharded"], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(_rows(str(tmp_path / "sharded"))) == 2 * 2  # evaluations at 0 and 800, two members
+
+
+def test_experiment_suite_trains_skips_continues_and_refuses_other_settings(learning_run, tmp_path, capsys):
+    """`python -m cvpo_jax.suite` end to end on the tiny task (its chunk is the learning run's compile):
+    a finished run is skipped, a longer budget continues it from its checkpoint, other settings are refused."""
+    from cvpo_jax import suite
+
+    tiny = [a for a in TINY if not a.startswith("env=")]
+    args = ["tasks=speed_limit", "algos=cvpo", f"out={tmp_path}", *tiny, "num_seeds=2",
+            "eval_every_env_steps=400", "checkpoint_every_env_steps=400"]
+    run_dir = tmp_path / "speed_limit-cvpo"
+    assert suite.main(args + ["total_env_steps=800"]) == 0
+    out = capsys.readouterr().out
+    assert "speed_limit-cvpo: starting" in out and (run_dir / suite.DONE).read_text().startswith("800")
+    for name in ("curves_speed_limit.png", "reward_vs_cumulative_cost.png", "convergence_cost_boxplot.png",
+                 "summary.md", "summary.csv"):
+        assert (tmp_path / "report" / name).stat().st_size > 0, name
+    first = (run_dir / "checkpoints").stat().st_mtime_ns
+
+    assert suite.main(args + ["total_env_steps=800"]) == 0  # the same command again: nothing to train
+    assert "finished (800 env steps), skipped" in capsys.readouterr().out
+    assert (run_dir / "checkpoints").stat().st_mtime_ns == first
+
+    assert suite.main(args + ["total_env_steps=1200"]) == 0  # a longer budget: continue, not restart
+    assert "continuing from its last checkpoint" in capsys.readouterr().out
+    assert checkpoint.latest_iteration(str(run_dir)) == 300
+    steps = [int(r["env_steps"]) for r in _rows(str(run_dir)) if r["member"] == "0"]
+    assert steps == [0, 400, 800, 1200]
+
+    command = (run_dir / "command.txt").read_text().splitlines()
+    assert len(command) == 4 and command[0].startswith("python -m cvpo_jax.suite tasks=speed_limit algos=cvpo")
+    assert "total_env_steps=1200" in command[2] and "commit" in command[3] and "s wall" in command[3]
+
+    assert suite.main(args + ["total_env_steps=1200", "cvpo.kl_bound=0.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (cvpo)" in err[0]

@@ -12,8 +12,8 @@ trainer; `cfg.episode_length` and `cfg.cost_limit` are resolved (`config.fill_ta
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 if TYPE_CHECKING:
     from brax.envs.base import Env
@@ -32,21 +32,33 @@ class Algorithm:
     summary: str  # one line for the help text
     gamma_key: str  # the config key of its discount (the per-state cost threshold ε1 is computed with it)
     replay_batch_key: Optional[str] = None  # config key of its replay minibatch (replay_capacity must hold it)
+    presets: Mapping[str, Any] = field(default_factory=dict)  # config defaults of this method (user wins)
 
     def make_learner(self, cfg: "RunConfig", observation_size: int, action_size: int):
         module, function = self.learner_factory.split(":")
         return getattr(importlib.import_module(module), function)(cfg, observation_size, action_size)
 
 
+# The CVPO authors' protocol for their four off-policy methods (cvpo-safe-rl safe_rl/runner.py,
+# script/config/config_cvpo.yaml, config_baseline.yaml): 20 episodes collected, then episode_rerun_num 40 × steps
+# / batch 300 updates, i.e. 0.133 updates per env step: here 2 updates per step of 15 envs. Replay 80k for
+# CVPO, 20k for the baselines; DDPG-Lag's actor lr 3e-4.
+_AUTHORS_RATIO = {"num_envs": 15, "updates_per_iteration": 2}
+_BASELINE_REPLAY = {**_AUTHORS_RATIO, "replay_capacity": 20_000}
+
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("cvpo", REPLAY, "cvpo_jax.cvpo:make_cvpo_learner",
-              "Constrained Variational Policy Optimization (the default)", "cvpo.gamma", "cvpo.batch_size"),
+              "Constrained Variational Policy Optimization (the default)", "cvpo.gamma", "cvpo.batch_size",
+              presets=_AUTHORS_RATIO),
     Algorithm("sac_lag", REPLAY, "cvpo_jax.baselines.off_policy:make_sac_lag_learner",
-              "SAC with a PID Lagrange multiplier", "offpolicy.gamma", "offpolicy.batch_size"),
+              "SAC with a PID Lagrange multiplier", "offpolicy.gamma", "offpolicy.batch_size",
+              presets=_BASELINE_REPLAY),
     Algorithm("td3_lag", REPLAY, "cvpo_jax.baselines.off_policy:make_td3_lag_learner",
-              "TD3 with a PID Lagrange multiplier", "offpolicy.gamma", "offpolicy.batch_size"),
+              "TD3 with a PID Lagrange multiplier", "offpolicy.gamma", "offpolicy.batch_size",
+              presets=_BASELINE_REPLAY),
     Algorithm("ddpg_lag", REPLAY, "cvpo_jax.baselines.off_policy:make_ddpg_lag_learner",
-              "DDPG with a PID Lagrange multiplier", "offpolicy.gamma", "offpolicy.batch_size"),
+              "DDPG with a PID Lagrange multiplier", "offpolicy.gamma", "offpolicy.batch_size",
+              presets={**_BASELINE_REPLAY, "offpolicy.actor_lr": 3e-4}),
     Algorithm("ppo_lag", ROLLOUT, "cvpo_jax.baselines.on_policy:make_ppo_lag_learner",
               "PPO with a PID Lagrange multiplier", "onpolicy.gamma"),
     Algorithm("trpo_lag", ROLLOUT, "cvpo_jax.baselines.on_policy:make_trpo_lag_learner",

@@ -20,10 +20,11 @@ class MetricsLog:
         self.num_members = num_members
         self.columns: list[str] | None = None
         if os.path.exists(self.path):
-            # Rows written after the checkpoint we resume from describe work that is being redone.
+            # Rows written after the checkpoint we resume from describe work that is being redone; the row of
+            # the checkpoint's own step was written before it (run.train) and stays.
             with open(self.path, newline="") as f:
                 rows = list(csv.DictReader(f))
-            kept = [r for r in rows if int(float(r["env_steps"])) < resume_from_env_steps] if resume_from_env_steps \
+            kept = [r for r in rows if int(float(r["env_steps"])) <= resume_from_env_steps] if resume_from_env_steps \
                 else []
             if rows:
                 self.columns = list(rows[0].keys())

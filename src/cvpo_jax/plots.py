@@ -20,7 +20,7 @@ def format_env_steps(value: float, _position=None) -> str:
     return f"{value:g}"
 
 
-def _label_env_steps_axis(ax, label: str) -> None:
+def label_env_steps_axis(ax, label: str) -> None:
     from matplotlib.ticker import FuncFormatter
 
     ax.set_xlabel(label)
@@ -63,7 +63,7 @@ def plot_curves(csv_path: str, png_path: str, title: str = "") -> None:
     top = max(max(plotted_costs), float(np.min(limits))) * 1.25 + 1e-6
     ax_c.set_ylim(bottom=-0.03 * top, top=top)
     for ax, label in ((ax_r, "evaluation episode reward"), (ax_c, "evaluation episode cost")):
-        _label_env_steps_axis(ax, "env steps (per member)")
+        label_env_steps_axis(ax, "env steps (per member)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -123,7 +123,7 @@ def plot_comparison(runs: dict[str, str], png_path: str, max_env_steps: float | 
         axes[1].axhline(limit, color="k", ls="--", lw=1, label=f"cost limit {limit:g}")
     names = ("evaluation episode reward", "evaluation episode cost", "cumulative training cost")
     for ax, name in zip(axes, names):
-        _label_env_steps_axis(ax, "env steps (per seed)")
+        label_env_steps_axis(ax, "env steps (per seed)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)

@@ -107,23 +107,27 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
     steps_per_iteration = cfg.num_envs
     eval_every = max(1, cfg.eval_every_env_steps // steps_per_iteration)
     ckpt_every = max(1, cfg.checkpoint_every_env_steps // steps_per_iteration)
-    next_eval = (iteration // eval_every + 1) * eval_every if iteration else 0
+    next_eval = (iteration // eval_every + 1) * eval_every
     next_ckpt = (iteration // ckpt_every + 1) * ckpt_every
 
     progress = _progress_bar(cfg, num_members, schedule.total_iterations * steps_per_iteration,
                              iteration * steps_per_iteration)
     last_summary: dict[str, float] = {}
     period: dict[str, list] = {}
+
+    def log_evaluation(iteration: int) -> None:
+        """Evaluate and write one row per member with the training metrics of the period since the last one."""
+        evaluation = to_host(trainer.evaluate(state.learner.params, members.eval_keys(iteration)))
+        log.write(iteration * steps_per_iteration, evaluation, _mean_period(period), limits)
+        last_summary.update(reward=float(np.mean(evaluation["eval/episode_reward"])),
+                            cost=float(np.mean(evaluation["eval/episode_cost"])))
+        period.clear()
+
     start_time, start_iteration = time.time(), iteration
     try:
+        if iteration == 0:
+            log_evaluation(0)  # the untrained policy
         while iteration < schedule.total_iterations:
-            if iteration >= next_eval:
-                evaluation = to_host(trainer.evaluate(state.learner.params, members.eval_keys(iteration)))
-                log.write(iteration * steps_per_iteration, evaluation, _mean_period(period), limits)
-                last_summary = {"reward": float(np.mean(evaluation["eval/episode_reward"])),
-                                "cost": float(np.mean(evaluation["eval/episode_cost"]))}
-                period = {}
-                next_eval += eval_every
             state, metrics = trainer.run_chunk(state, settings, np.int32(iteration))
             metrics = to_host(metrics)
             nonfinite = np.ravel(metrics.pop("nonfinite"))  # [N], one flag per member
@@ -137,15 +141,19 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
             for k, v in metrics.items():
                 period.setdefault(k, []).append(v)
             log.tensorboard(iteration * steps_per_iteration, metrics)
-            if iteration >= next_ckpt or iteration >= schedule.total_iterations:
+            done = iteration >= schedule.total_iterations
+            # The row of an evaluation is written before the checkpoint of the same step, so a run resumed
+            # from a checkpoint has every row up to it (and MetricsLog drops only the rows after it).
+            if iteration >= next_eval or done:
+                log_evaluation(iteration)
+                next_eval = (iteration // eval_every + 1) * eval_every
+            if iteration >= next_ckpt or done:
                 checkpoint.save(run_dir, iteration, state, keep=cfg.checkpoints_kept)
-                next_ckpt += ckpt_every
+                next_ckpt = (iteration // ckpt_every + 1) * ckpt_every
             elapsed = time.time() - start_time
             rate = (iteration - start_iteration) * steps_per_iteration * num_members / max(elapsed, 1e-9)
             progress.update(schedule.iterations_per_chunk * steps_per_iteration)
             progress.set_postfix(env_steps_per_s=f"{rate:.0f}", **{k: f"{v:.2f}" for k, v in last_summary.items()})
-        evaluation = to_host(trainer.evaluate(state.learner.params, members.eval_keys(iteration)))
-        log.write(iteration * steps_per_iteration, evaluation, _mean_period(period), limits)
     finally:
         progress.close()
         log.close()

@@ -3,22 +3,27 @@
 They plug into the same replay trainer as CVPO (`core/replay_trainer.py`) and share its
 networks (the Gaussian policy, twin reward critics, one cost critic), its critic targets and losses
 (`critics.py`, evaluated on clipped actions as CVPO's are), its replay and its acting loop. What differs is
-the policy step: gradient ascent on the Lagrangian
+the policy step: gradient ascent on the Lagrangian, as the CVPO authors' baselines write their actor loss
+(cvpo-safe-rl safe_rl/policy/sac_lag.py `_update_actor`)
 
-    L(π) = E_s[ Q_r(s, a) − λ·Q_c(s, a) ] / (1 + λ)        a = π(s) (reparameterised)
+    L(π) = E_s[ Q_r(s, a) − α·log π(a|s) ] − λ·(E_s[Q_c(s, a)] − ε1)        a = π(s) (reparameterised)
 
-plus SAC's entropy term. Dividing by 1 + λ keeps the size of the policy gradient steady as λ grows (a large
-λ would otherwise multiply the effective learning rate); it does not change the maximiser. λ comes from the
-PID controller (`pid_lagrangian.py`) on the mean episodic cost of each batch of finished episodes, against the
-member's episodic cost limit, as the issue asks. (The CVPO authors' code drives its PID with the mean Q_c of
-the batch against the per-state threshold ε1 instead; the episodic form is Stooke et al.'s original.)
+with α = 0 for TD3/DDPG. λ comes from `offpolicy.multiplier`: by default the authors' PID controller
+(`pid_lagrangian.qc_pid_update`), stepped at every actor update on this batch's mean Q_c against the member's
+per-state threshold ε1; or, with 'episodic_pid', Stooke et al.'s PID on the mean episodic cost of each batch of
+finished episodes against the episodic limit. `offpolicy.normalize_by_multiplier` divides the loss by 1 + λ
+(steady step size as λ grows; the maximiser is unchanged; the original does not).
+
+One difference from the original is kept on purpose: its SAC-Lag subtracts α·log π(a'|s') inside the cost
+critic's target too; here the cost critic estimates the discounted cost alone (its target is CVPO's).
 
 Per method:
 - sac_lag: stochastic tanh-squashed policy: u ~ N(atanh μ(s), Σ(s)) and a = tanh(u), so the deterministic
   action is still the network's mean μ(s) (as CVPO's), log π(a) has the tanh Jacobian correction, and every
   sample lies inside the box. (A clipped Gaussian failed here: samples outside the box carry no Q gradient,
   so the entropy bonus inflated Σ unopposed; on point_goal the training cost stayed ~40 while λ grew past 20.)
-  Entropy temperature α tuned towards a target entropy (−A by default); twin-min target with the bonus.
+  Entropy temperature α fixed at `offpolicy.sac_initial_alpha` (the original's 0.0085), or tuned towards a target
+  entropy with `offpolicy.sac_tune_alpha`; twin-min target with the bonus.
 - td3_lag: deterministic policy = the Gaussian's mean; Gaussian exploration noise while acting; target policy
   smoothing noise; twin-min reward target; the policy and the targets move every `policy_delay` updates.
 - ddpg_lag: deterministic policy, exploration noise, the first reward head only (no twin minimum, no
@@ -35,7 +40,8 @@ import optax
 from flax import struct
 
 from cvpo_jax import critics, networks, policy
-from cvpo_jax.baselines.pid_lagrangian import PIDState, gains_from_config, init_pid, pid_update
+from cvpo_jax.baselines.pid_lagrangian import (PIDState, QcPIDGains, gains_from_config, init_pid, pid_update,
+                                               qc_pid_update)
 from cvpo_jax.config import RunConfig
 from cvpo_jax.core.contracts import MemberSettings, OffPolicyLearner
 from cvpo_jax.core.gradients import gradient_step
@@ -49,6 +55,8 @@ class Variant(NamedTuple):
     target_smoothing: bool  # TD3's noise on the target action
     delayed_policy: bool  # TD3: the policy and the targets move every `offpolicy.policy_delay` updates
 
+
+MULTIPLIERS = ("qc_pid", "episodic_pid")  # offpolicy.multiplier, see config.OffPolicyConfig
 
 SAC_LAG = Variant(stochastic=True, twin_min=True, target_smoothing=False, delayed_policy=False)
 TD3_LAG = Variant(stochastic=False, twin_min=True, target_smoothing=True, delayed_policy=True)
@@ -96,7 +104,11 @@ def make_off_policy_learner(variant: Variant, cfg: RunConfig, observation_size: 
                             action_size: int) -> OffPolicyLearner:
     """The Lagrangian actor-critic learner of `variant` (the three differ only where `Variant` says)."""
     c = cfg.offpolicy
+    if c.multiplier not in MULTIPLIERS:
+        raise ValueError(f"offpolicy.multiplier={c.multiplier!r}; allowed: {', '.join(MULTIPLIERS)}")
     gains = gains_from_config(cfg.lagrange)
+    qc_gains = QcPIDGains(kp=c.qc_pid_kp, ki=c.qc_pid_ki, kd=c.qc_pid_kd)
+    multiplier_on_qc = c.multiplier == "qc_pid"
     nets = networks.make_networks(observation_size, action_size, hidden=tuple(cfg.network.hidden),
                                   covariance=cfg.network.covariance)
     # CVPO's policy clips its mean logits at ±5, where the gradient of a deterministic actor (or of SAC's
@@ -124,7 +136,8 @@ def make_off_policy_learner(variant: Variant, cfg: RunConfig, observation_size: 
             reward_opt_state=critic_optimizers.reward.init(params.reward_critic),
             cost_opt_state=critic_optimizers.cost.init(params.cost_critic),
             log_alpha=log_alpha, alpha_opt_state=alpha_optimizer.init(log_alpha),
-            pid=init_pid(gains, cfg.lagrange.initial), num_updates=jnp.int32(0))
+            pid=init_pid(gains, 0.0 if multiplier_on_qc else cfg.lagrange.initial),
+            num_updates=jnp.int32(0))
 
     def next_action(params: networks.NetworkParams, next_obs: jax.Array, key: jax.Array):
         """a' for the Bellman targets, inside the box; with its log-density for SAC's entropy bonus."""
@@ -155,7 +168,13 @@ def make_off_policy_learner(variant: Variant, cfg: RunConfig, observation_size: 
             reward_target, cost_target)
         return state.replace(params=params, reward_opt_state=reward_opt_state, cost_opt_state=cost_opt_state), metrics
 
-    def policy_loss(policy_params, state: OffPolicyState, obs: jax.Array, key: jax.Array):
+    def policy_loss(policy_params, state: OffPolicyState, obs: jax.Array, key: jax.Array, threshold: jax.Array):
+        """mean(α·log π − Q_r) + λ·mean(Q_c − ε1) at a = π(s), as the original's actor loss.
+
+        With 'qc_pid' the controller steps first on this batch's Q_c (held constant) and the new λ is used, as
+        the original computes its multiplier inside the loss; the −λ·ε1 term is a constant for the gradient.
+        Returns (loss, (metrics, controller state)).
+        """
         dist = nets.policy.apply(policy_params, obs)  # [B]
         if stochastic:
             action, log_prob = squashed_sample(dist, key)  # [B, A], [B]
@@ -163,18 +182,22 @@ def make_off_policy_learner(variant: Variant, cfg: RunConfig, observation_size: 
             action, log_prob = dist.mean, jnp.zeros(obs.shape[:-1])
         q_r = reward_q(nets.reward_critic.apply(state.params.reward_critic, obs, action))  # [B]
         q_c = nets.cost_critic.apply(state.params.cost_critic, obs, action)  # [B]
-        lam = state.pid.multiplier
+        pid = qc_pid_update(state.pid, q_c, threshold, qc_gains) if multiplier_on_qc else state.pid
+        lam = jax.lax.stop_gradient(pid.multiplier)
         alpha = jnp.exp(state.log_alpha) if stochastic else 0.0
-        loss = jnp.mean(alpha * log_prob - q_r + lam * q_c) / (1.0 + lam)
-        return loss, {"actor/q_r": jnp.mean(q_r), "actor/q_c": jnp.mean(q_c), "actor/entropy": -jnp.mean(log_prob)}
+        loss = jnp.mean(alpha * log_prob - q_r) + lam * jnp.mean(q_c - threshold)
+        if c.normalize_by_multiplier:
+            loss = loss / (1.0 + lam)
+        metrics = {"actor/q_r": jnp.mean(q_r), "actor/q_c": jnp.mean(q_c), "actor/entropy": -jnp.mean(log_prob)}
+        return loss, (metrics, pid)
 
-    def policy_step(state: OffPolicyState, obs: jax.Array, key: jax.Array):
+    def policy_step(state: OffPolicyState, obs: jax.Array, key: jax.Array, threshold: jax.Array):
         fit = gradient_step(policy_loss, state.params.policy, state.policy_opt_state, policy_optimizer, state, obs,
-                            key, has_aux=True)
-        loss, aux, policy_opt_state = fit.loss, fit.aux, fit.opt_state
+                            key, threshold, has_aux=True)
+        loss, (aux, pid), policy_opt_state = fit.loss, fit.aux, fit.opt_state
         params = state.params._replace(policy=fit.params)
         log_alpha, alpha_opt_state = state.log_alpha, state.alpha_opt_state
-        if stochastic:
+        if stochastic and c.sac_tune_alpha:
             # Descend −log α·(log π + H_target) in log α: its gradient is the entropy's excess over the target,
             # so α falls while the policy is more random than the target and rises when it is less.
             entropy_excess = jax.lax.stop_gradient(aux["actor/entropy"] - target_entropy)
@@ -182,7 +205,7 @@ def make_off_policy_learner(variant: Variant, cfg: RunConfig, observation_size: 
             log_alpha, alpha_opt_state = temperature.params, temperature.opt_state
         target_params = critics.polyak_update(state.target_params, params, c.polyak)
         state = state.replace(params=params, policy_opt_state=policy_opt_state, log_alpha=log_alpha,
-                              alpha_opt_state=alpha_opt_state, target_params=target_params)
+                              alpha_opt_state=alpha_opt_state, target_params=target_params, pid=pid)
         return state, {"actor/loss": loss, **aux}
 
     policy_metric_shapes = None
@@ -192,11 +215,12 @@ def make_off_policy_learner(variant: Variant, cfg: RunConfig, observation_size: 
         critic_key, policy_key = jax.random.split(key)
         state, critic_metrics = critic_step(state, batch, critic_key)
         if policy_metric_shapes is None:
-            policy_metric_shapes = jax.eval_shape(lambda s: policy_step(s, batch.obs, policy_key)[1], state)
+            policy_metric_shapes = jax.eval_shape(
+                lambda s: policy_step(s, batch.obs, policy_key, settings.cost_threshold)[1], state)
         skip = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), policy_metric_shapes)
         state, policy_metrics = jax.lax.cond(
             state.num_updates % policy_delay == 0,
-            lambda s: policy_step(s, batch.obs, policy_key), lambda s: (s, skip), state)
+            lambda s: policy_step(s, batch.obs, policy_key, settings.cost_threshold), lambda s: (s, skip), state)
         state = state.replace(num_updates=state.num_updates + 1)
         metrics = {**critic_metrics, **policy_metrics, "lagrange/lambda": state.pid.multiplier,
                    "sac/alpha": jnp.exp(state.log_alpha)}
@@ -216,4 +240,4 @@ def make_off_policy_learner(variant: Variant, cfg: RunConfig, observation_size: 
         return jnp.clip(action, -1.0, 1.0)
 
     return OffPolicyLearner(init=init, update=update, act=act, batch_size=c.batch_size,
-                            observe_episodes=observe_episodes)
+                            observe_episodes=None if multiplier_on_qc else observe_episodes)

@@ -1,6 +1,10 @@
-"""The PID Lagrange multiplier of Stooke, Achiam & Abbeel (2020), as a pure function over a small pytree.
+"""PID Lagrange multipliers as pure functions over a small pytree: two forms.
 
-The multiplier follows the constraint error e = J_c − d (episodic cost minus its limit):
+`qc_pid_update` is the CVPO authors' controller for their off-policy baselines (the default of sac_lag,
+td3_lag, ddpg_lag): stepped at every actor update on the batch's Q_c against the per-state threshold ε1.
+
+`pid_update` is Stooke, Achiam & Abbeel's (2020), on the episodic cost (the on-policy Lagrangian methods, and
+the off-policy ones with `offpolicy.multiplier=episodic_pid`). The multiplier follows the constraint error e = J_c − d (episodic cost minus its limit):
 
     I ← max(0, I + e)                       integral, kept non-negative (no "credit" for being safe)
     D = max(0, e − e_prev)                  derivative, only when the cost is rising (their Algorithm 2)
@@ -52,3 +56,29 @@ def pid_update(state: PIDState, episode_cost: jax.Array, cost_limit: jax.Array, 
 
 def gains_from_config(lagrange) -> PIDGains:
     return PIDGains(kp=lagrange.kp, ki=lagrange.ki, kd=lagrange.kd, max_multiplier=lagrange.max_multiplier)
+
+
+class QcPIDGains(NamedTuple):
+    kp: float
+    ki: float
+    kd: float
+
+
+def qc_pid_update(state: PIDState, q_c: jax.Array, threshold: jax.Array, gains: QcPIDGains) -> PIDState:
+    """The CVPO authors' controller (cvpo-safe-rl safe_rl/policy/pid_controller.py), one step per actor update.
+
+        e = mean_b(Q_c(s_b, π(s_b)) − ε1)           error of this batch, in per-state Q_c units
+        I ← max(0, I + e)                          integral, kept non-negative
+        D = max(0, e − e_prev)                     derivative, rises only
+        λ = max(0, Kp·max(0, e) + Ki·I + Kd·D)     the proportional term too acts only on a violation
+
+    Args:
+      state: the controller (`init_pid` with initial 0 and any gains starts it at zero).
+      q_c: [B] cost critic at the batch states and the policy's actions (held constant).
+      threshold: ε1 (`MemberSettings.cost_threshold`). gains: Kp, Ki, Kd (original 0.1, 0.003, 0.001).
+    """
+    error = jnp.mean(jax.lax.stop_gradient(q_c) - threshold)
+    integral = jnp.maximum(0.0, state.integral + error)
+    derivative = jnp.maximum(0.0, error - state.previous_error)
+    multiplier = jnp.maximum(0.0, gains.kp * jnp.maximum(0.0, error) + gains.ki * integral + gains.kd * derivative)
+    return PIDState(multiplier=multiplier, integral=integral, previous_error=error)

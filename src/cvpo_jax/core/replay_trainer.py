@@ -2,8 +2,10 @@
 
 Everything here is written for one sweep member and vmapped once at the top (`Trainer`), so N seeds cost
 one compile. A chunk is a `lax.scan` over iterations of: step `num_envs` environments (`acting.py`), insert
-the transitions, then `updates_per_iteration` learner updates. Python only runs between chunks (logging,
-evaluation, checkpoints). The warm-up switch is a real `lax.cond` (acting is in lock-step, see acting.py).
+the transitions, then `updates_per_iteration` learner updates; at the first iteration after the random
+warm-up, before the policy acts, `warmup_updates` updates on the warm-up's data (the original's protocol).
+Python only runs between chunks (logging, evaluation, checkpoints). The warm-up switch is a real `lax.cond`
+(acting is in lock-step, see acting.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 from brax.envs.base import Env, State
 from flax import struct
 
-from cvpo_jax.config import RunConfig
+from cvpo_jax.config import RunConfig, warmup_updates
 from cvpo_jax.core import replay
 from cvpo_jax.core.acting import make_acting, make_evaluate, nonfinite_flag
 from cvpo_jax.core.contracts import MemberSettings, OffPolicyLearner, Schedule, Trainer
@@ -74,7 +76,7 @@ def make_replay_trainer(cfg: RunConfig, env: Env, learner: OffPolicyLearner) -> 
         return state.replace(learner=learner_state, replay=replay.insert(state.replay, step.transition),
                              env_state=step.env_state, key=key), step.finished
 
-    def learn(state: TrainState, settings: MemberSettings):
+    def learn(state: TrainState, settings: MemberSettings, num_updates: int):
         def one_update(carry, _):
             learner_state, key = carry
             key, sample_key, update_key = jax.random.split(key, 3)
@@ -83,31 +85,42 @@ def make_replay_trainer(cfg: RunConfig, env: Env, learner: OffPolicyLearner) -> 
             return (learner_state, key), metrics
 
         key, learn_key = jax.random.split(state.key)
-        (learner_state, _), metrics = jax.lax.scan(
-            one_update, (state.learner, learn_key), None, length=cfg.updates_per_iteration)
+        (learner_state, _), metrics = jax.lax.scan(one_update, (state.learner, learn_key), None, length=num_updates)
         return state.replace(learner=learner_state, key=key), jax.tree.map(jnp.mean, metrics)
+
+    # The original trains on the warm-up's data before the policy first acts (warm-up / 2 updates by default,
+    # cvpo-safe-rl safe_rl/worker/off_policy_worker.py): one burst, at the first iteration after the warm-up.
+    burst = warmup_updates(cfg) if schedule.warmup_iterations > 0 else 0
+
+    def warmup_burst(state: TrainState, iteration: jax.Array, settings: MemberSettings):
+        if burst == 0:
+            return state, jnp.zeros((), jnp.bool_)
+        at_end_of_warmup = iteration == schedule.warmup_iterations
+        state = jax.lax.cond(at_end_of_warmup, lambda s: learn(s, settings, burst)[0], lambda s: s, state)
+        return state, at_end_of_warmup
 
     update_metric_shapes = None
 
     def run_chunk(state: TrainState, settings: MemberSettings, first_iteration: jax.Array):
         nonlocal update_metric_shapes
         if update_metric_shapes is None:
-            update_metric_shapes = jax.eval_shape(lambda s: learn(s, settings)[1], state)
+            update_metric_shapes = jax.eval_shape(lambda s: learn(s, settings, cfg.updates_per_iteration)[1], state)
         no_update = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_metric_shapes)
 
         def iteration_body(state, offset):
             iteration = first_iteration + offset
+            state, bursting = warmup_burst(state, iteration, settings)
             state, finished = env_iteration(state, iteration, settings)
             learning = (iteration >= schedule.warmup_iterations) & (cfg.updates_per_iteration > 0)
             state, update_metrics = jax.lax.cond(
-                learning, lambda s: learn(s, settings), lambda s: (s, no_update), state)
-            return state, (finished, update_metrics, learning)
+                learning, lambda s: learn(s, settings, cfg.updates_per_iteration), lambda s: (s, no_update), state)
+            return state, (finished, update_metrics, learning, bursting)
 
-        state, (finished, update_metrics, learning) = jax.lax.scan(
+        state, (finished, update_metrics, learning, bursting) = jax.lax.scan(
             iteration_body, state, jnp.arange(schedule.iterations_per_chunk))
         num_learning = jnp.sum(learning)
         metrics = {f"train/{k}": jnp.sum(v) for k, v in finished.items()}
-        metrics["train/updates"] = num_learning * cfg.updates_per_iteration
+        metrics["train/updates"] = num_learning * cfg.updates_per_iteration + jnp.sum(bursting) * burst
         metrics.update({
             k: jnp.sum(jnp.where(learning, v, 0.0)) / jnp.maximum(num_learning, 1)
             for k, v in update_metrics.items()
