@@ -101,6 +101,9 @@ class LagrangeConfig:
     """Upper clip of λ."""
 
 
+OFF_POLICY_MULTIPLIERS = ("qc_pid", "episodic_pid")  # the values of offpolicy.multiplier
+
+
 @dataclass
 class OffPolicyConfig:
     """The off-policy Lagrangian baselines sac_lag, td3_lag, ddpg_lag (critics, replay and acting as CVPO).
@@ -428,8 +431,8 @@ def _validate_baselines(cfg: RunConfig) -> None:
     for name in ("exploration_noise", "target_noise", "target_noise_clip"):
         _check(getattr(off, name) >= 0, f"offpolicy.{name}", getattr(off, name), "must be >= 0")
     _check(off.policy_delay >= 1, "offpolicy.policy_delay", off.policy_delay, "must be >= 1")
-    _check(off.multiplier in ("qc_pid", "episodic_pid"), "offpolicy.multiplier", off.multiplier,
-           "allowed: qc_pid, episodic_pid")
+    _check(off.multiplier in OFF_POLICY_MULTIPLIERS, "offpolicy.multiplier", off.multiplier,
+           f"allowed: {', '.join(OFF_POLICY_MULTIPLIERS)}")
     for name in ("qc_pid_kp", "qc_pid_ki", "qc_pid_kd"):
         _check(getattr(off, name) >= 0, f"offpolicy.{name}", getattr(off, name), "must be >= 0")
     _check(0.0 <= on.gae_lambda <= 1.0, "onpolicy.gae_lambda", on.gae_lambda, "must be in [0, 1]")

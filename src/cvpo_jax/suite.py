@@ -238,6 +238,15 @@ def _load_runs(out: str, tasks: Sequence[str], algos: Sequence[str]) -> dict[tup
     return runs
 
 
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(out: str, tasks: Sequence[str], algos: Sequence[str]) -> list[str]:
     """Write the figures and tables of the runs there are; return the paths written."""
     import matplotlib
@@ -276,11 +285,7 @@ def write_report(out: str, tasks: Sequence[str], algos: Sequence[str]) -> list[s
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=7)
         fig.suptitle(f"{task}: mean ± std over seeds")
-        fig.tight_layout()
-        path = os.path.join(report, f"curves_{task}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, os.path.join(report, f"curves_{task}.png")))
 
     if tasks:  # Fig. 4
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
@@ -298,11 +303,7 @@ def write_report(out: str, tasks: Sequence[str], algos: Sequence[str]) -> list[s
             ax.set_title(task)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(report, "reward_vs_cumulative_cost.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, os.path.join(report, "reward_vs_cumulative_cost.png")))
 
         # Fig. 5
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
@@ -315,11 +316,7 @@ def write_report(out: str, tasks: Sequence[str], algos: Sequence[str]) -> list[s
             ax.set_ylabel("evaluation cost, last 20% of training")
             ax.grid(alpha=0.3, axis="y")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(report, "convergence_cost_boxplot.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, os.path.join(report, "convergence_cost_boxplot.png")))
 
     rows = [{"task": t, "algo": a, **summary_row(runs[(t, a)])} for t in tasks for a in algos if (t, a) in runs]
     if rows:

@@ -42,7 +42,7 @@ from flax import struct
 from cvpo_jax import critics, networks, policy
 from cvpo_jax.baselines.pid_lagrangian import (PIDState, QcPIDGains, gains_from_config, init_pid, pid_update,
                                                qc_pid_update)
-from cvpo_jax.config import RunConfig
+from cvpo_jax.config import OFF_POLICY_MULTIPLIERS, RunConfig
 from cvpo_jax.core.contracts import MemberSettings, OffPolicyLearner
 from cvpo_jax.core.gradients import gradient_step
 from cvpo_jax.core.replay import Transition
@@ -55,8 +55,6 @@ class Variant(NamedTuple):
     target_smoothing: bool  # TD3's noise on the target action
     delayed_policy: bool  # TD3: the policy and the targets move every `offpolicy.policy_delay` updates
 
-
-MULTIPLIERS = ("qc_pid", "episodic_pid")  # offpolicy.multiplier, see config.OffPolicyConfig
 
 SAC_LAG = Variant(stochastic=True, twin_min=True, target_smoothing=False, delayed_policy=False)
 TD3_LAG = Variant(stochastic=False, twin_min=True, target_smoothing=True, delayed_policy=True)
@@ -104,8 +102,8 @@ def make_off_policy_learner(variant: Variant, cfg: RunConfig, observation_size: 
                             action_size: int) -> OffPolicyLearner:
     """The Lagrangian actor-critic learner of `variant` (the three differ only where `Variant` says)."""
     c = cfg.offpolicy
-    if c.multiplier not in MULTIPLIERS:
-        raise ValueError(f"offpolicy.multiplier={c.multiplier!r}; allowed: {', '.join(MULTIPLIERS)}")
+    if c.multiplier not in OFF_POLICY_MULTIPLIERS:
+        raise ValueError(f"offpolicy.multiplier={c.multiplier!r}; allowed: {', '.join(OFF_POLICY_MULTIPLIERS)}")
     gains = gains_from_config(cfg.lagrange)
     qc_gains = QcPIDGains(kp=c.qc_pid_kp, ki=c.qc_pid_ki, kd=c.qc_pid_kd)
     multiplier_on_qc = c.multiplier == "qc_pid"
