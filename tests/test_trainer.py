@@ -216,3 +216,16 @@ def test_experiment_suite_trains_skips_continues_and_refuses_other_settings(lear
     assert suite.main(args + ["total_env_steps=1200", "cvpo.kl_bound=0.2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings (cvpo)" in err[0]
+
+
+def test_period_means_weigh_chunks_by_their_updates():
+    """A warm-up chunk (no updates, metrics 0) must not pull a period's update metrics down."""
+    period = {"train/updates": [np.array([0, 0]), np.array([10, 30])],
+              "train/episodes": [np.array([1, 1]), np.array([2, 2])],
+              "train/episode_reward": [np.array([3.0, 3.0]), np.array([10.0, 10.0])],
+              "train/episode_cost": [np.array([5.0, 0.0]), np.array([4.0, 2.0])],
+              "estep/cost_threshold": [np.array([0.0, 0.0]), np.array([2.455, 2.455])]}
+    out = run._mean_period(period)
+    np.testing.assert_allclose(out["estep/cost_threshold"], [2.455, 2.455])
+    np.testing.assert_allclose(out["train/episode_cost"], [9.0 / 3, 2.0 / 3])
+    np.testing.assert_allclose(out["train/updates"], [10, 30])

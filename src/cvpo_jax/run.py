@@ -164,11 +164,16 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
 
 
 def _mean_period(period: dict[str, list]) -> dict[str, np.ndarray]:
-    """Training metrics since the last evaluation, per member: episode sums over counts, updates averaged."""
+    """Training metrics since the last evaluation, per member: episode sums over counts; the update metrics
+    averaged over the chunks weighted by their updates (a chunk of the random warm-up has none, and its zeros
+    would otherwise pull the period's means down)."""
     if not period:
         return {}
     summed = {k: np.sum(np.stack(v), axis=0) for k, v in period.items() if k.startswith("train/")}
-    out = {k: np.mean(np.stack(v), axis=0) for k, v in period.items() if not k.startswith("train/")}
+    weights = np.stack(period["train/updates"]).astype(np.float64)  # [chunks, N]
+    total = np.sum(weights, axis=0)
+    out = {k: np.where(total > 0, np.sum(np.stack(v) * weights, 0) / np.maximum(total, 1), np.mean(np.stack(v), 0))
+           for k, v in period.items() if not k.startswith("train/")}
     episodes = np.maximum(summed.get("train/episodes", 0), 1)
     out["train/episode_reward"] = summed["train/episode_reward"] / episodes
     out["train/episode_cost"] = summed["train/episode_cost"] / episodes
