@@ -111,7 +111,8 @@ def _time_loop(cfg, trainer, settings, keys, repeats: int) -> dict:
     result: dict = {}
     # The whole loop: one chunk of acting + replay + updates after the warm-up, on the real task.
     state = trainer.init(keys)
-    first = np.int32(trainer.schedule.warmup_iterations)
+    # Past the warm-up and past the burst of updates at its last iteration: the steady loop.
+    first = np.int32(trainer.schedule.warmup_iterations + 1)
     start = time.perf_counter()
     state, _ = trainer.run_chunk(state, settings, first)
     jax.block_until_ready(state)
