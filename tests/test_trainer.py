@@ -229,3 +229,24 @@ def test_period_means_weigh_chunks_by_their_updates():
     np.testing.assert_allclose(out["estep/cost_threshold"], [2.455, 2.455])
     np.testing.assert_allclose(out["train/episode_cost"], [9.0 / 3, 2.0 / 3])
     np.testing.assert_allclose(out["train/updates"], [10, 30])
+
+
+def test_discounted_returns_by_hand():
+    from cvpo_jax.diagnostics import discounted_returns
+
+    got = discounted_returns(np.array([[1.0], [0.0], [2.0]]), 0.5)
+    np.testing.assert_allclose(got[:, 0], [1 + 0.25 * 2, 0.5 * 2, 2.0])
+
+
+def test_critic_check_compares_the_critics_with_monte_carlo_returns(learning_run, capsys):
+    from cvpo_jax import diagnostics
+
+    assert diagnostics.main([f"run={learning_run}", "episodes=4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "Monte-Carlo" in out[0] and len(out) == 2 + 2  # header lines + the two members
+    rows = diagnostics.critic_check(learning_run, episodes=4)
+    # speed_limit, γ 0.9: the unconstrained member (1) pays cost every step, so its Monte-Carlo cost is
+    # near 1/(1 − γ) = 10, and its trained critic agrees roughly; the constrained member (0) pays much less.
+    assert rows[1]["mc_cost"] > 8.0 and abs(rows[1]["q_c"] - rows[1]["mc_cost"]) < 3.0
+    assert rows[0]["mc_cost"] < rows[1]["mc_cost"]
+    assert diagnostics.main(["run=/nonexistent"]) == 2

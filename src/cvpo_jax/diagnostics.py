@@ -1,0 +1,129 @@
+"""`python -m cvpo_jax.diagnostics run=<run dir> [episodes=N]`: do the critics know what the policy costs?
+
+For a replay method's run (CVPO, SAC-Lag, TD3-Lag, DDPG-Lag), loads the last checkpoint, runs `episodes`
+training-mode episodes per member (the exploring policy, as the replay data comes from), and compares the
+critics with what actually happened: Q_c(s_t, a_t) against the discounted cost that followed,
+G^c_t = Σ_k γ^k c_{t+k}, and Q_r against the discounted reward. Only steps whose discounted tail is inside the
+episode are compared (t ≤ T − H with γ^H ≤ 0.01), so the episode's end does not cut the Monte-Carlo sums.
+
+A cost critic that sits below the Monte-Carlo cost lets the E-step believe a policy meets ε1 when it does not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+ALLOWED = ("run", "episodes")
+
+
+def discounted_returns(values: np.ndarray, gamma: float) -> np.ndarray:
+    """G_t = Σ_k γ^k v_{t+k} along axis 0 (time), cut at the end of the array. values [T, ...]."""
+    out = np.zeros_like(values, dtype=np.float64)
+    running = np.zeros(values.shape[1:], np.float64)
+    for t in range(values.shape[0] - 1, -1, -1):
+        running = values[t] + gamma * running
+        out[t] = running
+    return out
+
+
+def critic_check(run_dir: str, episodes: int = 8) -> list[dict[str, float]]:
+    """Per member: mean Q_c, Monte-Carlo discounted cost, mean Q_r, Monte-Carlo discounted reward."""
+    import jax
+    import jax.numpy as jnp
+    from brax.envs.wrappers.training import EpisodeWrapper, VmapWrapper
+
+    from cvpo_jax import algorithms, checkpoint, envs, networks
+    from cvpo_jax.config import from_yaml_file
+    from cvpo_jax.core.members import SweepMembers
+
+    cfg = from_yaml_file(os.path.join(run_dir, "config.yaml"))
+    algorithm = algorithms.get(cfg.algo)
+    if algorithm.trainer != algorithms.REPLAY:
+        raise ValueError(f"run={run_dir}: {cfg.algo} has no Q critics (a replay method's run is needed)")
+    iteration = checkpoint.latest_iteration(run_dir)
+    if iteration is None:
+        raise ValueError(f"run={run_dir}: no checkpoint yet")
+    env = envs.make(cfg.env)
+    trainer = algorithms.make_trainer(cfg, env)
+    members = SweepMembers.from_config(cfg)
+    like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(trainer.init, members.keys()))
+    params = checkpoint.restore(run_dir, iteration, like).learner.params
+    nets = networks.make_networks(env.observation_size, env.action_size, hidden=tuple(cfg.network.hidden),
+                                  covariance=cfg.network.covariance)
+    gamma = float(algorithms.config_value(cfg, algorithm.gamma_key))
+    length = int(cfg.episode_length)
+    rollout_env = EpisodeWrapper(VmapWrapper(env), length, 1)
+
+    def member_rollout(member_params, key):
+        reset_key, act_key = jax.random.split(key)
+        state = rollout_env.reset(jax.random.split(reset_key, episodes))
+
+        def step(state, k):
+            action = trainer.learner.act(member_params, state.obs, k)  # [E, A] exploring, inside the box
+            q_c = nets.cost_critic.apply(member_params.cost_critic, state.obs, action)  # [E]
+            q_r = jnp.min(nets.reward_critic.apply(member_params.reward_critic, state.obs, action), axis=-1)
+            state = rollout_env.step(state, action)
+            return state, (q_c, q_r, state.info["cost"], state.reward)
+
+        _, out = jax.lax.scan(step, state, jax.random.split(act_key, length))
+        return out  # each [T, E]
+
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, 12345))(members.keys())
+    q_c, q_r, cost, reward = jax.device_get(jax.jit(jax.vmap(member_rollout))(params, keys))  # [N, T, E]
+    horizon = min(length - 1, math.ceil(math.log(0.01) / math.log(gamma)))
+    compared = slice(0, max(1, length - horizon))
+    rows = []
+    for m in range(members.size):
+        mc_cost = discounted_returns(np.asarray(cost[m], np.float64), gamma)
+        mc_reward = discounted_returns(np.asarray(reward[m], np.float64), gamma)
+        rows.append({
+            "member": m, "seed": members.seeds[m], "cost_threshold": members.cost_thresholds[m],
+            "q_c": float(np.mean(q_c[m][compared])), "mc_cost": float(np.mean(mc_cost[compared])),
+            "q_r": float(np.mean(q_r[m][compared])), "mc_reward": float(np.mean(mc_reward[compared])),
+            "episode_cost": float(np.mean(np.sum(cost[m], 0))), "compared_steps": compared.stop,
+        })
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ALLOWED:
+            print(f"error: bad argument {arg!r}; allowed: {', '.join(k + '=...' for k in ALLOWED)}", file=sys.stderr)
+            return 2
+        options[key] = value
+    run_dir = options.get("run")
+    if not run_dir or not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        print(f"error: run={run_dir}: give a run directory made by cvpo_jax.run", file=sys.stderr)
+        return 2
+    try:
+        episodes = int(options.get("episodes", "8"))
+        if episodes < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: episodes={options.get('episodes')}: expected a positive integer", file=sys.stderr)
+        return 2
+    try:
+        rows = critic_check(run_dir, episodes)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"critics against Monte-Carlo returns of {episodes} exploring episodes per member "
+          f"(steps 0..{rows[0]['compared_steps'] - 1} of each episode)")
+    print(f"{'member':>6} {'seed':>5} {'eps1':>6} {'Q_c':>8} {'MC cost':>8} {'Q_r':>8} {'MC reward':>9} "
+          f"{'ep. cost':>8}")
+    for r in rows:
+        print(f"{r['member']:>6} {r['seed']:>5} {r['cost_threshold']:>6.3f} {r['q_c']:>8.3f} {r['mc_cost']:>8.3f} "
+              f"{r['q_r']:>8.3f} {r['mc_reward']:>9.3f} {r['episode_cost']:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
