@@ -3,8 +3,11 @@
 For a replay method's run (CVPO, SAC-Lag, TD3-Lag, DDPG-Lag), loads the last checkpoint, runs `episodes`
 training-mode episodes per member (the exploring policy, as the replay data comes from), and compares the
 critics with what actually happened: Q_c(s_t, a_t) against the discounted cost that followed,
-G^c_t = Σ_k γ^k c_{t+k}, and Q_r against the discounted reward. Only steps whose discounted tail is inside the
-episode are compared (t ≤ T − H with γ^H ≤ 0.01), so the episode's end does not cut the Monte-Carlo sums.
+G^c_t = Σ_k γ^k c_{t+k}, and Q_r against the discounted reward, at the steps t < T of a training episode.
+The critics bootstrap through the time limit (it is not a termination), so the episodes are run H steps past
+T (γ^H ≤ 0.01) and the Monte-Carlo sums see that far. Q_r stops at a reached goal (the original's terminal
+flag) while the Monte-Carlo reward goes on, so on the goal tasks Q_r sits below it by design; Q_c does not
+stop there, so it should match its Monte-Carlo cost.
 
 A cost critic that sits below the Monte-Carlo cost lets the E-step believe a policy meets ε1 when it does not.
 """
@@ -56,7 +59,9 @@ def critic_check(run_dir: str, episodes: int = 8) -> list[dict[str, float]]:
     nets = networks.make_networks(env.observation_size, env.action_size, hidden=tuple(cfg.network.hidden),
                                   covariance=cfg.network.covariance)
     gamma = float(algorithms.config_value(cfg, algorithm.gamma_key))
-    length = int(cfg.episode_length)
+    episode_length = int(cfg.episode_length)
+    tail = math.ceil(math.log(0.01) / math.log(gamma))  # γ^tail ≤ 0.01
+    length = episode_length + tail
     rollout_env = EpisodeWrapper(VmapWrapper(env), length, 1)
 
     def member_rollout(member_params, key):
@@ -75,8 +80,7 @@ def critic_check(run_dir: str, episodes: int = 8) -> list[dict[str, float]]:
 
     keys = jax.vmap(lambda k: jax.random.fold_in(k, 12345))(members.keys())
     q_c, q_r, cost, reward = jax.device_get(jax.jit(jax.vmap(member_rollout))(params, keys))  # [N, T, E]
-    horizon = min(length - 1, math.ceil(math.log(0.01) / math.log(gamma)))
-    compared = slice(0, max(1, length - horizon))
+    compared = slice(0, episode_length)
     rows = []
     for m in range(members.size):
         mc_cost = discounted_returns(np.asarray(cost[m], np.float64), gamma)
@@ -85,7 +89,7 @@ def critic_check(run_dir: str, episodes: int = 8) -> list[dict[str, float]]:
             "member": m, "seed": members.seeds[m], "cost_threshold": members.cost_thresholds[m],
             "q_c": float(np.mean(q_c[m][compared])), "mc_cost": float(np.mean(mc_cost[compared])),
             "q_r": float(np.mean(q_r[m][compared])), "mc_reward": float(np.mean(mc_reward[compared])),
-            "episode_cost": float(np.mean(np.sum(cost[m], 0))), "compared_steps": compared.stop,
+            "episode_cost": float(np.mean(np.sum(cost[m][compared], 0))), "compared_steps": episode_length,
         })
     return rows
 
