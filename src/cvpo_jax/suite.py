@@ -129,7 +129,7 @@ def _finished_env_steps(run_dir: str) -> Optional[int]:
 
 def run_suite(options: SuiteOptions) -> list[str]:
     """Train what is not finished; return one line per run that stopped on a non-finite value."""
-    from cvpo_jax import run
+    from cvpo_jax import checkpoint, run
 
     failures = []
     for task in options.tasks:
@@ -142,40 +142,47 @@ def run_suite(options: SuiteOptions) -> list[str]:
                 if finished is not None and finished >= cfg.total_env_steps:
                     print(f"{task}-{algo}: finished ({finished} env steps), skipped", flush=True)
                     continue
-                print(f"{task}-{algo}: continuing from its last checkpoint", flush=True)
+                print(f"{task}-{algo}: " + ("continuing from its last checkpoint"
+                                             if checkpoint.latest_iteration(run_dir) is not None
+                                             else "no checkpoint yet, starting again"), flush=True)
             else:
                 print(f"{task}-{algo}: starting", flush=True)
-            start = time.time()
+            start, commit = time.time(), _code_commit()  # the code this invocation trains with
             try:
                 run.train(cfg, run_dir)
             except run.RunError as e:
                 failures.append(f"{task}-{algo}: {e}")
                 continue
             finally:
-                _record_invocation(run_dir, options, time.time() - start)
+                _record_invocation(run_dir, options, commit, time.time() - start)
             with open(os.path.join(run_dir, DONE), "w") as f:
                 f.write(f"{cfg.total_env_steps} env steps per seed\n")
     return failures
 
 
-def _record_invocation(run_dir: str, options: SuiteOptions, seconds: float) -> None:
-    """Append to the run's command.txt: the suite command, the code's commit and this invocation's wall time."""
-    import shlex
+def _code_commit() -> str:
+    """The commit of the code being run, and whether tracked files differ from it."""
     import subprocess
 
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
         commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        commit = (commit + (" with uncommitted changes" if dirty else "")) if commit else "unknown"
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        return "unknown"
+    return (commit + (" with uncommitted changes" if dirty else "")) if commit else "unknown"
+
+
+def _record_invocation(run_dir: str, options: SuiteOptions, commit: str, seconds: float) -> None:
+    """Append to the run's command.txt: the suite command, the code's commit and this invocation's wall time."""
+    import shlex
+
     if os.path.isdir(run_dir):
         with open(os.path.join(run_dir, "command.txt"), "a") as f:
             f.write(f"python -m cvpo_jax.suite {shlex.join(options.argv)}\n"
-                    f"# commit {commit}; this invocation trained for {seconds:.0f} s wall "
+                    f"# commit {commit} at the start; this invocation trained for {seconds:.0f} s wall "
                     f"(ended {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
 
 
