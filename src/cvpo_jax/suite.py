@@ -302,7 +302,8 @@ def write_report(out: str, tasks: Sequence[str], algos: Sequence[str]) -> list[s
                     _, reward = member_series(runs[(task, algo)], "eval/episode_reward")
                     _, cumulative = cumulative_costs(runs[(task, algo)])
                     length = min(reward.shape[1], cumulative.shape[1])
-                    ax.plot(np.maximum(np.mean(cumulative[:, :length], 0), 1.0), np.mean(reward[:, :length], 0),
+                    # From the first evaluation after training started: before it nothing is paid (log x).
+                    ax.plot(np.mean(cumulative[:, 1:length], 0), np.mean(reward[:, 1:length], 0),
                             color=colours[algo], lw=2, label=algo)
             ax.set_xscale("log")
             ax.set_xlabel("cumulative training cost (mean over seeds)")
