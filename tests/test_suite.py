@@ -91,3 +91,17 @@ def test_scales_are_the_paper_scale_and_a_cpu_scale():
     assert (cpu.num_seeds, cpu.network.hidden, cpu.offpolicy.batch_size, cpu.total_env_steps) == (2, [64, 64], 128,
                                                                                                   1_000_000)
     assert cpu.replay_capacity == 8000 and cpu.episode_length == 300 and cpu.run_name == "car_circle-sac_lag"
+
+
+def test_gpu_scale_keeps_each_methods_updates_per_env_step():
+    paper = suite.parse(["scale=paper"])
+    gpu = suite.parse(["scale=gpu"])
+    for task, algo in (("point_goal", "cvpo"), ("car_circle", "cvpo"), ("point_goal", "sac_lag")):
+        p, g = suite.run_config(paper, task, algo), suite.run_config(gpu, task, algo)
+        assert g.num_envs == 8 * p.num_envs and g.updates_per_iteration == 8 * p.updates_per_iteration
+        assert g.num_seeds == 10 and g.total_env_steps == 2_400_000 and g.network.hidden == [256, 256]
+    assert suite.run_config(gpu, "point_goal", "cvpo").num_envs == 120
+    on_policy = suite.run_config(gpu, "point_goal", "ppo_lag")
+    assert on_policy.num_envs == suite.run_config(paper, "point_goal", "ppo_lag").num_envs
+    user = suite.run_config(suite.parse(["scale=gpu", "num_envs=64"]), "point_goal", "cvpo")
+    assert user.num_envs == 64  # the user's loop wins

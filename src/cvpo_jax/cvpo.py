@@ -37,11 +37,15 @@ class EStepSettings(NamedTuple):
 
     num_particles: int  # K
     per_state: bool  # one (η, λ) per state (Remark 4) instead of one for the batch
-    max_iter: int  # L-BFGS-B iteration cap
+    max_iter: int  # L-BFGS-B iteration cap (tolerance loop)
+    solver: str = "lbfgsb"  # or "newton"
+    loop: str = "auto"  # tolerance on the CPU, lockstep on accelerators (estep.SolverSettings)
+    fixed_iter: int = 10  # budget of the lockstep loop and of the Newton solver
 
     @classmethod
     def from_config(cls, c) -> "EStepSettings":
-        return cls(num_particles=c.num_particles, per_state=c.per_state_dual, max_iter=c.dual_max_iter)
+        return cls(num_particles=c.num_particles, per_state=c.per_state_dual, max_iter=c.dual_max_iter,
+                   solver=c.dual_solver, loop=c.dual_loop, fixed_iter=c.dual_fixed_iter)
 
 
 class CVPOPhases(NamedTuple):
@@ -112,7 +116,8 @@ def make_cvpo(cfg: RunConfig, observation_size: int, action_size: int) -> tuple[
         solution = estep.solve_dual(
             q_r, q_c, cost_threshold=settings.cost_threshold, kl_bound=settings.kl_bound,
             init=(state.dual_warm_start[0], state.dual_warm_start[1]),
-            per_state=estep_settings.per_state, max_iter=estep_settings.max_iter)
+            per_state=estep_settings.per_state, max_iter=estep_settings.max_iter, solver=estep_settings.solver,
+            loop=estep_settings.loop, fixed_iter=estep_settings.fixed_iter)
         targets = mstep.MStepTargets(obs=batch.obs, particles=particles, weights=solution.weights, old=old_dist)
         return targets, q_r, q_c, solution
 
