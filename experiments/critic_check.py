@@ -1,6 +1,7 @@
 """Does our TD cost critic find Q_c^π when π is held fixed? A check of the critic machinery alone.
 
     python experiments/critic_check.py [env=point_goal] [envs=32] [steps=1000] [updates=20000] [hidden=64]
+                                       [run=<replay run dir>]   (its member 0's exploring policy instead)
 
 The trained runs' cost critics read below the Monte-Carlo cost of their own policy (experiments/README.md).
 Two explanations differ in what they predict here: a defect in the TD machinery (targets, data, time limits)
@@ -25,7 +26,7 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    options = {"env": "point_goal", "envs": "32", "steps": "1000", "updates": "20000", "hidden": "64"}
+    options = {"env": "point_goal", "envs": "32", "steps": "1000", "updates": "20000", "hidden": "64", "run": ""}
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in options:
@@ -44,7 +45,29 @@ def main(argv: list[str]) -> int:
     gamma, polyak, batch_size = 0.99, 0.995, 128
     num_envs, steps, updates = int(options["envs"]), int(options["steps"]), int(options["updates"])
     hidden = int(options["hidden"])
-    env = envs.make(options["env"])
+    if options["run"]:
+        import os
+
+        from cvpo_jax import algorithms, checkpoint
+        from cvpo_jax.config import from_yaml_file
+        from cvpo_jax.core.members import SweepMembers
+
+        cfg = from_yaml_file(os.path.join(options["run"], "config.yaml"))
+        options["env"] = cfg.env
+        env = envs.make(cfg.env)
+        trainer = algorithms.make_trainer(cfg, env)
+        like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                            jax.eval_shape(trainer.init, SweepMembers.from_config(cfg).keys()))
+        restored = checkpoint.restore(options["run"], checkpoint.latest_iteration(options["run"]), like)
+        policy_params = jax.tree.map(lambda x: x[0], restored.learner.params)
+
+        def act(obs, key):  # the run's exploring policy (member 0), as in training
+            return trainer.learner.act(policy_params, obs, key)
+    else:
+        env = envs.make(options["env"])
+
+        def act(obs, key):  # the uniform random policy
+            return jax.random.uniform(key, obs.shape[:-1] + (env.action_size,), minval=-1.0, maxval=1.0)
     rollout_env = EpisodeWrapper(VmapWrapper(env), steps + 1, 1)
     start = time.time()
 
@@ -53,7 +76,7 @@ def main(argv: list[str]) -> int:
         state = rollout_env.reset(jax.random.split(reset_key, num_envs))
 
         def step(state, k):
-            action = jax.random.uniform(k, (num_envs, env.action_size), minval=-1.0, maxval=1.0)
+            action = act(state.obs, k)
             next_state = rollout_env.step(state, action)
             return next_state, (state.obs, action, next_state.info["cost"], next_state.obs)
 
@@ -61,7 +84,8 @@ def main(argv: list[str]) -> int:
         return out  # [T, E, ...]
 
     obs, action, cost, next_obs = jax.device_get(jax.jit(rollout)(jax.random.PRNGKey(0)))
-    print(f"rollout: {num_envs} envs x {steps} steps of the uniform policy on {options['env']}, "
+    which = f"the exploring policy of {options['run']} (member 0)" if options["run"] else "the uniform policy"
+    print(f"rollout: {num_envs} envs x {steps} steps of {which} on {options['env']}, "
           f"cost per step {cost.mean():.4f}, {time.time() - start:.0f} s")
 
     nets = networks.make_networks(env.observation_size, env.action_size, hidden=(hidden, hidden))
@@ -79,7 +103,7 @@ def main(argv: list[str]) -> int:
             index_key, action_key = jax.random.split(k)
             idx = jax.random.randint(index_key, (batch_size,), 0, steps * num_envs)
             o, a, c, o2 = (x[idx] for x in data)
-            a2 = jax.random.uniform(action_key, a.shape, minval=-1.0, maxval=1.0)  # the fixed policy's action
+            a2 = act(o2, action_key)  # the fixed policy's next action
             y = critics.cost_target(c, jnp.zeros_like(c), nets.cost_critic.apply(target, o2, a2), gamma)
             step = gradient_step(critics.cost_critic_loss, params, opt_state, optimizer, nets.cost_critic.apply,
                                  o, a, y, has_aux=True)
