@@ -1,7 +1,7 @@
 """Does our TD cost critic find Q_c^π when π is held fixed? A check of the critic machinery alone.
 
     python experiments/critic_check.py [env=point_goal] [envs=32] [steps=1000] [updates=20000] [hidden=64]
-                                       [run=<replay run dir>]   (its member 0's exploring policy instead)
+                                       [run=<replay run dir> [member=0]]   (that member's exploring policy)
 
 The trained runs' cost critics read below the Monte-Carlo cost of their own policy (experiments/README.md).
 Two explanations differ in what they predict here: a defect in the TD machinery (targets, data, time limits)
@@ -26,7 +26,7 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    options = {"env": "point_goal", "envs": "32", "steps": "1000", "updates": "20000", "hidden": "64", "run": ""}
+    options = {"env": "point_goal", "envs": "32", "steps": "1000", "updates": "20000", "hidden": "64", "run": "", "member": "0"}
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in options:
@@ -59,9 +59,10 @@ def main(argv: list[str]) -> int:
         like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                             jax.eval_shape(trainer.init, SweepMembers.from_config(cfg).keys()))
         restored = checkpoint.restore(options["run"], checkpoint.latest_iteration(options["run"]), like)
-        policy_params = jax.tree.map(lambda x: x[0], restored.learner.params)
+        member = int(options["member"])
+        policy_params = jax.tree.map(lambda x: x[member], restored.learner.params)
 
-        def act(obs, key):  # the run's exploring policy (member 0), as in training
+        def act(obs, key):  # the run's exploring policy (one member), as in training
             return trainer.learner.act(policy_params, obs, key)
     else:
         env = envs.make(options["env"])
@@ -84,7 +85,8 @@ def main(argv: list[str]) -> int:
         return out  # [T, E, ...]
 
     obs, action, cost, next_obs = jax.device_get(jax.jit(rollout)(jax.random.PRNGKey(0)))
-    which = f"the exploring policy of {options['run']} (member 0)" if options["run"] else "the uniform policy"
+    which = (f"the exploring policy of {options['run']} (member {options['member']})" if options["run"]
+             else "the uniform policy")
     print(f"rollout: {num_envs} envs x {steps} steps of {which} on {options['env']}, "
           f"cost per step {cost.mean():.4f}, {time.time() - start:.0f} s")
 
@@ -117,6 +119,11 @@ def main(argv: list[str]) -> int:
     half = steps // 2
     mc = discounted_returns(np.asarray(cost, np.float64), gamma)[:half]  # [T/2, E]
     print(f"Monte-Carlo discounted cost G_t on t < {half}: mean {mc.mean():.3f}")
+    if options["run"]:  # the run's own cost critic, as trained alongside the moving policy, on the same (s, a)
+        trained = np.asarray(jax.jit(jax.vmap(lambda o, a: nets.cost_critic.apply(policy_params.cost_critic, o, a)))(
+            jnp.asarray(obs[:half]), jnp.asarray(action[:half])))
+        print(f"the run's own cost critic on the same (s, a): mean {trained.mean():.3f}, "
+              f"{trained.mean() / mc.mean():.3f} of G_t, corr {np.corrcoef(trained.ravel(), mc.ravel())[0, 1]:.2f}")
     print(f"{'updates':>8} {'TD loss':>9} {'mean Q_c':>9} {'mean G_t':>9} {'Q_c / G_t':>9} {'corr':>6}")
     key = jax.random.PRNGKey(2)
     for i in range(updates // 1000):
