@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_estep import (B, COLD, EPS, K, _edge_cases, assert_finite, make_problem, np_dual, np_kl_and_cost,
-                        np_min_cost_in_kl_ball, np_weights, scipy_solve, solve)
+from test_estep import (B, COLD, EPS, K, _edge_cases, assert_finite, feasible_problems, make_problem,  # noqa: F401
+                        np_dual, np_kl_and_cost, np_min_cost_in_kl_ball, np_weights, solve)
 
 from cvpo_jax import estep
 from cvpo_jax.estep import solve_dual
@@ -30,15 +30,9 @@ SHAPES = {
 
 
 @pytest.fixture(scope="module")
-def problems():
-    rng = np.random.default_rng(99)
-    out = []
-    for i in range(8):
-        kind = "slack" if i % 4 == 0 else "tight"
-        q_r, q_c, eps1, eps = make_problem(rng, kind)
-        g, eta, lam = scipy_solve(q_r, q_c, eps1, eps)
-        out.append(dict(kind=kind, q_r=q_r, q_c=q_c, eps1=eps1, eps=eps, g=g, eta=eta, lam=lam))
-    return out
+def problems(feasible_problems):  # noqa: F811 (the fixture imported above)
+    """A third of test_estep.py's SciPy-solved problems (slack and tight): enough for the two shapes."""
+    return feasible_problems[:8]
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

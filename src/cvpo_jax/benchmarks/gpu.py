@@ -344,10 +344,7 @@ def main(argv: list[str]) -> int:
             if task not in envs.names():
                 raise ConfigError(f"tasks: unknown task {task!r}; allowed: {', '.join(envs.names())}")
         result = plan(options, run_args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ConfigError, PluginMissing) as e:
+    except (ValueError, ConfigError, PluginMissing) as e:  # bad option or no CUDA compiler: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     if options["json"]:
