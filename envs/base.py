@@ -1,11 +1,16 @@
 """The shared env machinery: config, MJX model, physics stepping, observations, brax State plumbing.
 
-Every task (goal.py, button.py, circle.py) subclasses `SafetyEnv` and fills in four hooks: what to place,
-how to start the task, what a step earns/costs, and which objects the lidars see.
+Every task (goal.py, button.py, circle.py, traps.py) subclasses `SafetyEnv` and fills in four hooks: what to
+place, how to start the task, what a step earns/costs, and which objects the lidars see (plus, optionally,
+`_terminated`: whether the task ends the episode).
 
 Task state that must survive brax's AutoResetWrapper (which restores only `pipeline_state` and `obs`) lives
 inside the mjx.Data: object positions in `mocap_pos`, scalars (last goal distance, button timer, goal
-button, gremlin centres) in `userdata`. `state.info` only carries the rng and this step's cost/goal flags.
+button, trap health, gremlin centres) in `userdata`. `state.info` only carries the rng and this step's
+cost/goal flags.
+
+`state.done` is 1.0 on a step where the task itself ends the episode (`_terminated`; only the traps tasks
+do, on the robot's death), else 0.0. Time limits are not the env's business (EpisodeWrapper / the trainer).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from . import layouts, lidar, mjcf, robots, sensors
 _UD_LAST_DIST = 0
 _UD_TIMER = 1
 _UD_GOAL_BUTTON = 2
-_UD_GREMLINS = 3
+_UD_HEALTH = 3  # traps.py: health counter
+_UD_GREMLINS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +43,7 @@ class Config:
     robot: str = "point"  # "point" | "car"
     timestep: float = 0.002  # physics timestep (SGym: Point 0.002, Car 0.004; CVPO: 0.006, 0.01)
     frame_skip: int = 10  # physics steps per env step
-    episode_length: int = 1000  # read by the trainer; enforced by brax's EpisodeWrapper
+    episode_length: int = 1000  # read by the trainer, which enforces it (core/acting.py)
     cost_limit: float = 25.0  # read by the trainer's presets
 
     # Layout. randomize_layout=False: drawn once from layout_seed at construction and reused every reset.
@@ -69,6 +75,7 @@ class Config:
     gremlin_keepout: float = 0.4
     gremlin_travel: float = 0.35
     gremlin_locations: tuple[tuple[float, float], ...] = ()
+    trap_health: int = 25  # traps.py: steps inside traps until the robot dies (traps are the hazard geoms)
 
     circle_radius: float = 1.5
     circle_reward_scale: float = 0.1
@@ -169,6 +176,10 @@ class SafetyEnv(Env):
         """After physics: returns (data, reward_terms {name: r}, cost_terms {name: 0/1}, goal_reached)."""
         raise NotImplementedError
 
+    def _terminated(self, data: mjx.Data) -> jax.Array:
+        """After _task_step: 1.0 if the task ends the episode on this step (state.done), else 0.0."""
+        return jnp.zeros(())
+
     def lidar_names(self) -> tuple[str, ...]:
         """Names of the observed lidars, in observation order."""
         raise NotImplementedError
@@ -222,7 +233,7 @@ class SafetyEnv(Env):
         obs = self._observe(data)
         metrics = self._metrics(reward_terms, cost_terms, cost, goal_reached, jnp.any(nan).astype(jnp.float32))
         info = {**state.info, "rng": rng, "cost": cost, "goal_reached": goal_reached}
-        return state.replace(pipeline_state=data, obs=obs, reward=reward, done=jnp.zeros_like(state.done),
+        return state.replace(pipeline_state=data, obs=obs, reward=reward, done=self._terminated(data),
                              metrics=metrics, info=info)
 
     # ----- pieces ---------------------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from brax.envs.base import Env
 
-from . import button, circle, goal, toy
+from . import button, circle, goal, toy, traps, velocity
 from .base import Config, SafetyEnv, check_overrides
 
 _Entry = tuple[type[SafetyEnv], Callable[[], Config]]
@@ -24,11 +25,16 @@ for _robot in ("point", "car"):
         f"{_robot}_button2": (button.ButtonEnv, lambda r=_robot: button.default_config(r, 2)),
         f"{_robot}_circle1": (circle.CircleEnv, lambda r=_robot: circle.default_config(r, 1)),
         f"{_robot}_circle2": (circle.CircleEnv, lambda r=_robot: circle.default_config(r, 2)),
+        # The Conservative Safety Critics paper's trap navigation (fixed layout, terminates on failure).
+        f"{_robot}_traps": (traps.TrapsEnv, lambda r=_robot: traps.default_config(r)),
     })
 
 
 # Pure-JAX tasks without MuJoCo, for tests and quick checks of the learners.
 _PLAIN_TASKS: dict[str, Callable[[], Env]] = {"speed_limit": toy.SpeedLimit}
+# Safety-Gymnasium's velocity tasks on brax's MJX locomotion robots (envs/velocity.py): no Config either.
+_PLAIN_TASKS.update({task: functools.partial(velocity.VelocityEnv, robot, task)
+                     for task, robot in velocity.TASKS.items()})
 
 
 def names() -> list[str]:
@@ -39,12 +45,12 @@ def default_config(name: str) -> Config:
     """The preset Config of an MJX task (plain tasks have none)."""
     _check_name(name)
     if name in _PLAIN_TASKS:
-        raise ValueError(f"{name} is a plain JAX task without a Config")
+        raise ValueError(f"{name} has no Config (a plain JAX or velocity task)")
     return _REGISTRY[name][1]()
 
 
 def mjx_names() -> list[str]:
-    """The MuJoCo/MJX tasks only (names() also lists plain JAX tasks such as speed_limit)."""
+    """The Safety-Gym MJX tasks built from a Config (names() also lists speed_limit and the *_velocity tasks)."""
     return sorted(_REGISTRY)
 
 

@@ -1,13 +1,18 @@
-"""The acting step both trainers share (core/acting.py), on the pure-JAX speed_limit task (milliseconds)."""
+"""The acting step both trainers share (core/acting.py): per-env termination, truncation and restarts from the
+reset pool, on pure-JAX tasks (milliseconds)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cvpo_jax import envs
-from cvpo_jax.core.acting import make_acting, select_per_env
+from cvpo_jax.core.acting import make_acting, make_evaluate, select_per_env
+from terminating_toy import TerminatesOnRequest
+
+KEEP, END = [0.0, 0.0], [0.0, 1.0]  # actions of the toy: go on, terminate
 
 
 def test_select_per_env_broadcasts_the_mask_over_trailing_axes():
@@ -17,32 +22,101 @@ def test_select_per_env_broadcasts_the_mask_over_trailing_axes():
     np.testing.assert_array_equal(picked["b"], [1, 0, 1])
 
 
-def test_step_records_transitions_counts_finished_episodes_and_resets_at_the_time_limit():
+@pytest.fixture(scope="module")
+def toy_acting():
+    acting = make_acting(TerminatesOnRequest(), episode_length=5, num_envs=3, refill_period=100)
+    return acting, jax.jit(acting.reset), jax.jit(acting.step)
+
+
+def test_one_env_terminating_among_many_restarts_alone_and_the_others_go_on(toy_acting):
+    acting, reset, step = toy_acting
+    envs_state = reset(jax.random.PRNGKey(0))
+    pool_obs = np.asarray(envs_state.pool.obs)
+    key = jax.random.PRNGKey(1)
+    out = step(envs_state, jnp.array([KEEP, KEEP, KEEP]), jnp.int32(0), key)
+    out = step(out.envs, jnp.array([KEEP, END, KEEP]), jnp.int32(1), key)
+    t = out.transition
+    np.testing.assert_array_equal(t.terminal, [0, 1, 0])  # no bootstrap past env 1's last state
+    np.testing.assert_array_equal(t.truncated, [0, 0, 0])
+    np.testing.assert_array_equal(out.ended, [False, True, False])
+    np.testing.assert_array_equal(t.next_obs[:, 0], [2, 2, 2])  # the true next observations, before the restart
+    # Env 1 restarted from the first pool entry; envs 0 and 2 are untouched.
+    np.testing.assert_array_equal(out.envs.obs[1], pool_obs[0])
+    np.testing.assert_array_equal(np.asarray(out.envs.obs)[[0, 2], 0], [2, 2])
+    np.testing.assert_array_equal(out.envs.steps, [2, 0, 2])
+    assert int(out.envs.pool_taken) == 1
+    f = jax.device_get(out.finished)
+    assert (f["episodes"], f["terminations"], f["episode_length"], f["episode_reward"]) == (1, 1, 2, 2.0)
+    assert f["reused_resets"] == 0
+
+
+def test_truncation_is_not_a_termination_and_each_env_keeps_its_own_clock(toy_acting):
+    acting, reset, step = toy_acting
+    envs_state, key = reset(jax.random.PRNGKey(0)), jax.random.PRNGKey(1)
+    costly = [1.0, 0.0]  # env 0 pays a cost at every step
+    for i, actions in enumerate([[costly, KEEP, KEEP], [costly, END, KEEP]] + [[costly, KEEP, KEEP]] * 3):
+        out = step(envs_state, jnp.array(actions), jnp.int32(i), key)
+        envs_state = out.envs
+    # The fifth step reaches the time limit of envs 0 and 2; env 1 restarted at the second and is 3 steps in.
+    np.testing.assert_array_equal(out.transition.truncated, [1, 0, 1])
+    np.testing.assert_array_equal(out.transition.terminal, [0, 0, 0])
+    np.testing.assert_array_equal(out.envs.steps, [0, 3, 0])
+    f = jax.device_get(out.finished)
+    assert (f["episodes"], f["terminations"], f["episode_length"]) == (2, 0, 10)
+    assert (f["episode_reward"], f["episode_cost"], f["step_cost"]) == (10.0, 5.0, 1.0)
+    # Pool entries are handed out in order: env 1 took entry 0, then envs 0 and 2 entries 1 and 2.
+    pool_obs = np.asarray(reset(jax.random.PRNGKey(0)).pool.obs)
+    np.testing.assert_array_equal(np.asarray(out.envs.obs)[[0, 2]], pool_obs[[1, 2]])
+
+
+def test_more_endings_than_the_pool_holds_reuse_entries_and_a_refill_restores_it():
+    acting = make_acting(TerminatesOnRequest(), episode_length=50, num_envs=2, refill_period=3)
+    reset, step = jax.jit(acting.reset), jax.jit(acting.step)
+    envs_state = reset(jax.random.PRNGKey(0))
+    first_pool = np.asarray(envs_state.pool.obs)
+    out = step(envs_state, jnp.array([END, END]), jnp.int32(0), jax.random.PRNGKey(1))
+    assert int(out.finished["reused_resets"]) == 0
+    out = step(out.envs, jnp.array([END, KEEP]), jnp.int32(1), jax.random.PRNGKey(2))
+    assert int(out.finished["reused_resets"]) == 1  # a third ending before the refill: entry 0 again
+    np.testing.assert_array_equal(out.envs.obs[0], first_pool[0])
+    out = step(out.envs, jnp.array([KEEP, KEEP]), jnp.int32(2), jax.random.PRNGKey(3))  # refill after this one
+    assert int(out.envs.pool_taken) == 0
+    fresh = np.asarray(out.envs.pool.obs)
+    assert not np.isin(fresh[:, 1], first_pool[:, 1]).any()
+    out = step(out.envs, jnp.array([END, KEEP]), jnp.int32(3), jax.random.PRNGKey(4))
+    np.testing.assert_array_equal(out.envs.obs[0], fresh[0])
+
+
+def test_time_limited_task_matches_stepping_it_by_hand():
+    """speed_limit never terminates: every episode ends at the limit, with the sums of the steps before."""
     env = envs.make("speed_limit")
     acting = make_acting(env, episode_length=3, num_envs=2)
     step = jax.jit(acting.step)
     state = jax.jit(acting.reset)(jax.random.PRNGKey(0))
     actions = jnp.array([[1.0, 0.0], [0.2, 0.0]])  # env 0 speeds (reward 1, cost 1), env 1 does not
-    reset_key = jax.random.PRNGKey(9)
-    rewards, costs = [], []
     for t in range(3):
-        out = step(state, actions, jnp.int32(t), reset_key)
+        out = step(state, actions, jnp.int32(t), jax.random.PRNGKey(9))
         np.testing.assert_array_equal(out.transition.obs, state.obs)  # the observation the action was taken in
-        rewards.append(np.asarray(out.transition.reward))
-        costs.append(np.asarray(out.transition.cost))
-        last = t == 2
-        assert bool(out.episode_over) == last
-        np.testing.assert_array_equal(out.transition.truncated, [float(last)] * 2)
+        np.testing.assert_array_equal(out.transition.truncated, [float(t == 2)] * 2)
         np.testing.assert_array_equal(out.transition.terminal, [0.0, 0.0])
-        assert int(out.finished["episodes"]) == (2 if last else 0)
-        state = out.env_state
-    np.testing.assert_allclose(np.sum(rewards, 0), [3.0, 0.6], rtol=1e-6)
-    np.testing.assert_array_equal(np.sum(costs, 0), [3.0, 0.0])
-    # Finished-episode sums over both envs; the per-step cost of the last step alone.
+        state = out.envs
     np.testing.assert_allclose(float(out.finished["episode_reward"]), 3.6, rtol=1e-6)
     assert float(out.finished["episode_cost"]) == 3.0 and float(out.finished["step_cost"]) == 1.0
-    # The next observation of the last step is the true one; the env state is a fresh reset from reset_key.
-    fresh = acting.reset(reset_key)
-    np.testing.assert_array_equal(state.obs, fresh.obs)
-    assert not np.array_equal(out.transition.next_obs, fresh.obs)
-    np.testing.assert_array_equal(state.info["steps"], [0, 0])
+    np.testing.assert_array_equal(state.steps, [0, 0])
+
+
+def test_evaluation_stops_counting_at_a_termination():
+    """Policy: terminate at once in member-env 0, never in env 1; reward 1 per step, episode length 5."""
+    def act(params, obs, key, deterministic):
+        return jnp.where(obs[:, 1:2] < 0.5, jnp.array([[1.0, 1.0]]), jnp.array([[1.0, 0.0]]))
+
+    evaluate = jax.jit(make_evaluate(TerminatesOnRequest(), episode_length=5, num_episodes=64, act=act))
+    m = jax.device_get(evaluate(None, jax.random.PRNGKey(0)))
+    obs = jax.vmap(TerminatesOnRequest().reset)(jax.random.split(jax.random.PRNGKey(0), 64)).obs
+    ends = np.asarray(obs[:, 1] < 0.5)
+    lengths = np.where(ends, 1, 5)
+    np.testing.assert_allclose(m["eval/episode_length"], lengths.mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["eval/episode_reward"], lengths.mean(), rtol=1e-6)  # nothing after the end
+    np.testing.assert_allclose(m["eval/episode_cost"], lengths.mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["eval/terminated"], ends.mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["eval/cost_rate"], 1.0, rtol=1e-6)

@@ -234,9 +234,11 @@ def test_insert_rollout_appends_the_clipped_steps_in_time_order():
     rollout = Rollout(obs=f32(rng.normal(size=(t, e, o))), action=f32(2.0 * rng.normal(size=(t, e, a))),
                       log_prob=f32(np.zeros((t, e))), reward=f32(rng.normal(size=(t, e))),
                       cost=f32(rng.uniform(size=(t, e))), next_obs=f32(rng.normal(size=(t, e, o))),
-                      terminal=f32(np.zeros((t, e))), truncated=f32(np.eye(t, e)))
+                      terminal=f32(np.zeros((t, e))), truncated=f32(np.eye(t, e)),
+                      terminated=f32(np.zeros((t, e))))
     example = replay.Transition(obs=jnp.zeros(o), action=jnp.zeros(a), reward=jnp.zeros(()), cost=jnp.zeros(()),
-                                next_obs=jnp.zeros(o), terminal=jnp.zeros(()), truncated=jnp.zeros(()))
+                                next_obs=jnp.zeros(o), terminal=jnp.zeros(()), truncated=jnp.zeros(()),
+                                terminated=jnp.zeros(()))
     buffer = jax.jit(csc.insert_rollout)(replay.init(example, 8), rollout)
     assert int(buffer.size) == t * e and int(buffer.insert_at) == t * e
     np.testing.assert_array_equal(buffer.data.obs[:t * e], np.asarray(rollout.obs).reshape(t * e, o))
@@ -263,7 +265,8 @@ def test_critic_updates_match_numpy_sgd_on_a_one_transition_buffer():
 
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     example = replay.Transition(obs=f32(s), action=f32(data_action), reward=f32(0.0), cost=f32(cost),
-                                next_obs=f32(s_next), terminal=f32(1.0), truncated=f32(0.0))
+                                next_obs=f32(s_next), terminal=f32(1.0), truncated=f32(0.0),
+                                terminated=f32(0.0))
     buffer = replay.insert(replay.init(example, 4), jax.tree.map(lambda x: jnp.stack([x] * 4), example))
     optimizer = optax.sgd(lr)
     update = jax.jit(lambda w, target, buffer, key: csc.critic_updates(

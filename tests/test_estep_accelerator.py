@@ -194,7 +194,7 @@ def test_cvpo_update_runs_the_chosen_shape(options):
                        action=jnp.asarray(rng.uniform(-1, 1, size=(16, 2)), jnp.float32),
                        reward=jnp.asarray(rng.normal(size=16), jnp.float32), cost=jnp.zeros(16),
                        next_obs=jnp.asarray(rng.normal(size=(16, 6)), jnp.float32), terminal=jnp.zeros(16),
-                       truncated=jnp.zeros(16))
+                       truncated=jnp.zeros(16), terminated=jnp.zeros(16))
     state, metrics = jax.jit(learner.update)(learner.init(jax.random.PRNGKey(0)), batch, settings,
                                              jax.random.PRNGKey(1))
     assert 1 <= float(metrics["estep/iterations"]) <= 3

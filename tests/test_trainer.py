@@ -224,11 +224,18 @@ def test_period_means_weigh_chunks_by_their_updates():
               "train/episodes": [np.array([1, 1]), np.array([2, 2])],
               "train/episode_reward": [np.array([3.0, 3.0]), np.array([10.0, 10.0])],
               "train/episode_cost": [np.array([5.0, 0.0]), np.array([4.0, 2.0])],
+              "train/episode_length": [np.array([400, 400]), np.array([800, 500])],
+              "train/terminations": [np.array([0, 0]), np.array([0, 1])],
+              "train/reused_resets": [np.array([0, 0]), np.array([0, 2])],
               "estep/cost_threshold": [np.array([0.0, 0.0]), np.array([2.455, 2.455])]}
     out = run._mean_period(period)
     np.testing.assert_allclose(out["estep/cost_threshold"], [2.455, 2.455])
     np.testing.assert_allclose(out["train/episode_cost"], [9.0 / 3, 2.0 / 3])
     np.testing.assert_allclose(out["train/updates"], [10, 30])
+    # Episode means over the period's episodes; the resets reused are a count.
+    np.testing.assert_allclose(out["train/episode_length"], [400, 300])
+    np.testing.assert_allclose(out["train/terminated"], [0, 1 / 3])
+    np.testing.assert_allclose(out["train/reused_resets"], [0, 2])
 
 
 def test_discounted_returns_by_hand():

@@ -176,7 +176,7 @@ class OnPolicyConfig:
     gae_lambda: float = 0.97
     """GAE λ for the reward and the cost advantages."""
     rollout_length: Optional[int] = None
-    """Steps per environment between policy updates; None is one episode (keeps the envs in lock-step)."""
+    """Steps per environment between policy updates; None is one episode length."""
     value_lr: float = 1e-3
     """Adam learning rate of the reward and cost value networks."""
     value_epochs: int = 10
@@ -265,6 +265,10 @@ class RunConfig:
     `cvpo_jax.algorithms` set 2 per step of 15 envs, the original's 0.133 updates per env step)."""
     replay_capacity: int = 80_000
     """Transitions kept per member (original: 80k)."""
+    reset_refill_period: int = 16
+    """Iterations between refills of the pool of `num_envs` ready reset states that environments whose
+    episode ended (terminated or truncated) restart from (core/acting.py): a refill is one vmapped reset.
+    Episodes shorter than this on average reuse pool entries (the metric train/reused_resets counts them)."""
     chunk_env_steps: int = 2000
     """Env steps per member inside one jitted call; Python only runs between chunks."""
     eval_every_env_steps: int = 20_000
@@ -398,6 +402,7 @@ def validate(cfg: RunConfig, env_names: Sequence[str]) -> None:
     _check(not cfg.warmup_updates or cfg.warmup_env_steps > 0, "warmup_updates", cfg.warmup_updates,
            "needs warmup_env_steps > 0: the updates learn from the warm-up's data")
     _check(cfg.updates_per_iteration >= 0, "updates_per_iteration", cfg.updates_per_iteration, "must be >= 0")
+    _check(cfg.reset_refill_period >= 1, "reset_refill_period", cfg.reset_refill_period, "must be >= 1")
     _check(cfg.chunk_env_steps >= cfg.num_envs, "chunk_env_steps", cfg.chunk_env_steps,
            f"must be >= num_envs ({cfg.num_envs}): a chunk steps every environment at least once")
     _check(cfg.replay_capacity >= cfg.num_envs, "replay_capacity", cfg.replay_capacity,

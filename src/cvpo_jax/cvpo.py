@@ -98,7 +98,8 @@ def make_cvpo(cfg: RunConfig, observation_size: int, action_size: int) -> tuple[
         next_q_r = nets.reward_critic.apply(state.target_params.reward_critic, batch.next_obs, next_action)
         next_q_c = nets.cost_critic.apply(state.target_params.cost_critic, batch.next_obs, next_action)
         reward_target = critics.reward_target(batch.reward, batch.terminal, next_q_r, c.gamma)  # [B]
-        cost_target = critics.cost_target(batch.cost, batch.terminal, next_q_c, c.gamma)  # [B]
+        # Q_c stops only where the task ended the episode, not at a reached goal (see critics.cost_target).
+        cost_target = critics.cost_target(batch.cost, batch.terminated, next_q_c, c.gamma, mask_done=True)  # [B]
         params, (reward_opt_state, cost_opt_state), metrics = critics.critic_step(
             state.params, (state.reward_opt_state, state.cost_opt_state), critic_optimizers, nets, batch,
             reward_target, cost_target)

@@ -7,7 +7,8 @@ G^c_t = Σ_k γ^k c_{t+k}, and Q_r against the discounted reward, at the steps t
 The critics bootstrap through the time limit (it is not a termination), so the episodes are run H steps past
 T (γ^H ≤ 0.01) and the Monte-Carlo sums see that far. Q_r stops at a reached goal (the original's terminal
 flag) while the Monte-Carlo reward goes on, so on the goal tasks Q_r sits below it by design; Q_c does not
-stop there, so it should match its Monte-Carlo cost.
+stop there, so it should match its Monte-Carlo cost. On a task that terminates (a death, a fall), nothing
+counts after the termination: the sums stop there and the means are over the states visited before it.
 
 A cost critic that sits below the Monte-Carlo cost lets the E-step believe a policy meets ε1 when it does not.
 """
@@ -68,27 +69,36 @@ def critic_check(run_dir: str, episodes: int = 8) -> list[dict[str, float]]:
         reset_key, act_key = jax.random.split(key)
         state = rollout_env.reset(jax.random.split(reset_key, episodes))
 
-        def step(state, k):
+        def step(carry, k):
+            state, alive = carry
             action = trainer.learner.act(member_params, state.obs, k)  # [E, A] exploring, inside the box
             q_c = nets.cost_critic.apply(member_params.cost_critic, state.obs, action)  # [E]
             q_r = jnp.min(nets.reward_critic.apply(member_params.reward_critic, state.obs, action), axis=-1)
             state = rollout_env.step(state, action)
-            return state, (q_c, q_r, state.info["cost"], state.reward)
+            # Nothing is earned or paid after a termination (the Monte-Carlo sums stop there).
+            cost, reward = jnp.where(alive, state.info["cost"], 0.0), jnp.where(alive, state.reward, 0.0)
+            return (state, alive & (state.done <= 0)), (q_c, q_r, cost, reward, alive)
 
-        _, out = jax.lax.scan(step, state, jax.random.split(act_key, length))
+        alive = jnp.ones((episodes,), jnp.bool_)
+        _, out = jax.lax.scan(step, (state, alive), jax.random.split(act_key, length))
         return out  # each [T, E]
 
     keys = jax.vmap(lambda k: jax.random.fold_in(k, 12345))(members.keys())
-    q_c, q_r, cost, reward = jax.device_get(jax.jit(jax.vmap(member_rollout))(params, keys))  # [N, T, E]
+    q_c, q_r, cost, reward, alive = jax.device_get(jax.jit(jax.vmap(member_rollout))(params, keys))  # [N, T, E]
     compared = slice(0, episode_length)
+
+    def masked_mean(x, mask):
+        return float(np.sum(np.where(mask, x, 0.0)[compared]) / max(np.sum(mask[compared]), 1))
+
     rows = []
     for m in range(members.size):
         mc_cost = discounted_returns(np.asarray(cost[m], np.float64), gamma)
         mc_reward = discounted_returns(np.asarray(reward[m], np.float64), gamma)
         rows.append({
             "member": m, "seed": members.seeds[m], "cost_threshold": members.cost_thresholds[m],
-            "q_c": float(np.mean(q_c[m][compared])), "mc_cost": float(np.mean(mc_cost[compared])),
-            "q_r": float(np.mean(q_r[m][compared])), "mc_reward": float(np.mean(mc_reward[compared])),
+            # Means over the states visited before a termination.
+            "q_c": masked_mean(q_c[m], alive[m]), "mc_cost": masked_mean(mc_cost, alive[m]),
+            "q_r": masked_mean(q_r[m], alive[m]), "mc_reward": masked_mean(mc_reward, alive[m]),
             "episode_cost": float(np.mean(np.sum(cost[m][compared], 0))), "compared_steps": episode_length,
         })
     return rows

@@ -178,6 +178,10 @@ def _mean_period(period: dict[str, list]) -> dict[str, np.ndarray]:
     out["train/episode_reward"] = summed["train/episode_reward"] / episodes
     out["train/episode_cost"] = summed["train/episode_cost"] / episodes
     out["train/episodes"] = summed["train/episodes"]
+    out["train/episode_length"] = summed["train/episode_length"] / episodes
+    # The fraction of the period's episodes that the task ended (a death, a fall) before the time limit.
+    out["train/terminated"] = summed["train/terminations"] / episodes
+    out["train/reused_resets"] = summed["train/reused_resets"]
     out["train/updates"] = summed["train/updates"]
     return out
 

@@ -188,7 +188,8 @@ def insert_rollout(buffer: replay.ReplayState, rollout: Rollout) -> replay.Repla
     """
     steps = replay.Transition(obs=rollout.obs, action=jnp.clip(rollout.action, -1.0, 1.0),
                               reward=rollout.reward, cost=rollout.cost, next_obs=rollout.next_obs,
-                              terminal=rollout.terminal, truncated=rollout.truncated)
+                              terminal=rollout.terminal, truncated=rollout.truncated,
+                              terminated=rollout.terminated)
     buffer, _ = jax.lax.scan(lambda b, step: (replay.insert(b, step), None), buffer, steps)
     return buffer
 
@@ -205,8 +206,8 @@ def count_failures(running_cost: jax.Array, cost: jax.Array, episode_end: jax.Ar
 
     Args:
       running_cost: [E] cost of each env's episode so far (from the previous rollouts).
-      cost: [T, E] per-step cost. episode_end: [T, E], > 0 where the episode ended after the step (only the
-        time limit ends our episodes: a reached goal is `terminal` but the episode goes on).
+      cost: [T, E] per-step cost. episode_end: [T, E], > 0 where the episode ended after the step (truncated or
+        terminated; a reached goal is `terminal` for the reward but the episode goes on).
 
     Returns:
       FailureCounts; an ended episode's running cost restarts at 0.
@@ -273,7 +274,8 @@ def critic_updates(apply_q: Callable, apply_policy: Callable, optimizer: optax.G
         batch = replay.sample(buffer, sample_key, settings.batch_size)
         next_action = gaussian.sample(apply_policy(policy_params, batch.next_obs), next_key, 1)[:, 0]
         next_q = apply_q(target, batch.next_obs, jnp.clip(next_action, -1.0, 1.0))
-        target_q = critics.cost_target(batch.cost, batch.terminal, next_q, settings.gamma)  # [B]
+        # Nothing is paid after a termination (the paper's failure ends the episode); a reached goal goes on.
+        target_q = critics.cost_target(batch.cost, batch.terminated, next_q, settings.gamma, mask_done=True)  # [B]
         policy_action = jnp.clip(gaussian.sample(apply_policy(policy_params, batch.obs), policy_key,
                                                  settings.num_particles), -1.0, 1.0)  # [B, K, A]
         stepped = gradient_step(safety_critic_loss, params, opt_state, optimizer, apply_q, batch.obs,
@@ -423,7 +425,8 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
         params = CSCParams(policy=policy_net.init(policy_key, obs), reward_value=value_net.init(value_key, obs),
                            safety_critic=critic_net.init(critic_key, obs, actions))
         example = replay.Transition(obs=obs[0], action=actions[0], reward=jnp.zeros(()), cost=jnp.zeros(()),
-                                    next_obs=obs[0], terminal=jnp.zeros(()), truncated=jnp.zeros(()))
+                                    next_obs=obs[0], terminal=jnp.zeros(()), truncated=jnp.zeros(()),
+                                    terminated=jnp.zeros(()))
         return CSCState(
             params=params, target_safety_critic=params.safety_critic,
             critic_opt_state=critic_optimizer.init(params.safety_critic),
@@ -461,7 +464,7 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
         # Line 8 and line 10: D_env ← D_env ∪ rollout; V̂_C ← this epoch's mean episodic cost.
         buffer = insert_rollout(state.replay, rollout)
         episode_cost_estimate = jnp.where(jnp.isfinite(episode_cost), episode_cost, state.episode_cost)
-        counts = count_failures(state.running_cost, rollout.cost, rollout.truncated)
+        counts = count_failures(state.running_cost, rollout.cost, jnp.maximum(rollout.truncated, rollout.terminated))
         have = counts.ended > 0
         failures_per_episode = jnp.where(have, counts.events / jnp.maximum(counts.ended, 1),
                                          state.failures_per_episode)

@@ -159,7 +159,7 @@ def make_off_policy_learner(variant: Variant, cfg: RunConfig, observation_size: 
         # critics.reward_target takes twin heads and takes their minimum: pass the chosen value twice.
         reward_target = critics.reward_target(batch.reward, batch.terminal, jnp.stack([next_q_r] * 2, -1), c.gamma)
         next_q_c = nets.cost_critic.apply(state.target_params.cost_critic, batch.next_obs, action)  # [B]
-        cost_target = critics.cost_target(batch.cost, batch.terminal, next_q_c, c.gamma)
+        cost_target = critics.cost_target(batch.cost, batch.terminated, next_q_c, c.gamma, mask_done=True)
 
         params, (reward_opt_state, cost_opt_state), metrics = critics.critic_step(
             state.params, (state.reward_opt_state, state.cost_opt_state), critic_optimizers, nets, batch,

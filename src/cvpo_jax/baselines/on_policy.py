@@ -395,8 +395,10 @@ def _make_learner(cfg: RunConfig, observation_size: int, action_size: int, varia
         cost_values = values(params.cost_value, rollout.obs)
         reward_adv, reward_returns = gae(rollout.reward, reward_values, values(params.reward_value, rollout.next_obs),
                                          rollout.terminal, rollout.truncated, o.gamma, o.gae_lambda)
+        # The cost value stops only where the task ended the episode: after a reached goal costs go on (see
+        # critics.cost_target).
         cost_adv, cost_returns = gae(rollout.cost, cost_values, values(params.cost_value, rollout.next_obs),
-                                     rollout.terminal, rollout.truncated, o.gamma, o.gae_lambda)
+                                     rollout.terminated, rollout.truncated, o.gamma, o.gae_lambda)
 
         # λ and J_c move only when episodes ended in this rollout.
         have_episodes = jnp.isfinite(episode_cost)

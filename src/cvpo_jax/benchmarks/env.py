@@ -1,7 +1,7 @@
 """Env stepping speed: the MJX port (jitted, vmapped, lax.scan over steps) vs single-threaded MuJoCo C.
 
     python -m cvpo_jax.bench env [envs=all|point_goal,car_goal] [batches=1,64,1024] [steps=auto]
-                                 [repeats=2] [c_steps=2000] [iterations=N] [json=out.json]
+                                 [repeats=2] [c_steps=2000] [iterations=N] [acting=false] [json=out.json]
 
 For each env and batch size: the compile time of the rollout (`steps` vmapped env steps with random actions
 in one jit, lax.scan over steps), then env-steps/s = batch * steps / seconds of the best of `repeats` timed
@@ -18,6 +18,11 @@ reference keeps the shipped budget. iterations=0 skips the contact solve altoget
 detection, constraint rows and everything else still run: an upper bound on what any faster solver could
 reach. Such figures are labelled as a bound and never counted as meeting the speed target.
 
+acting=true also times the trainers' acting step (`core/acting.py`: the same env steps plus the per-env
+episode clocks, the restarts of ended episodes from the reset pool and its refills, at the task's episode
+length) and prints it beside the bare step as a ratio: what the termination machinery costs. It takes the
+velocity tasks too (`hopper_velocity`, ...; they have no MuJoCo C reference here).
+
 envs=all (the 16 MuJoCo tasks) at the default batches takes about 40 minutes on a shared 2-core CPU (each
 task compiles three rollouts, 10-40 s each; the Car tasks run at ~1000 env-steps/s). For a quick look use
 e.g. `envs=point_goal,car_goal batches=1,64,1024` (~5 minutes).
@@ -33,7 +38,7 @@ import sys
 import time
 
 _DEFAULTS = {"envs": "all", "batches": "1,64,1024", "steps": "auto", "repeats": "2", "c_steps": "2000",
-             "iterations": "", "json": ""}
+             "iterations": "", "acting": "false", "json": ""}
 
 # Safety-Gymnasium 1.0.0's single env on this 2-core CPU (steps/s, resets untimed), measured by
 # experiments/sgym_reference.py (it needs Python 3.10, so it is not run here; figures in
@@ -77,10 +82,15 @@ def _parse(argv: list[str]) -> dict:
         raise ValueError("batches, steps, repeats and c_steps must be positive")
     if out["iterations"] is not None and out["iterations"] < 0:
         raise ValueError("iterations must be 0 or more")
+    if opts["acting"] not in ("true", "false"):
+        raise ValueError(f"acting={opts['acting']}: allowed: true, false")
+    out["acting"] = opts["acting"] == "true"
     from cvpo_jax import envs
+    from cvpo_jax.envs import velocity
 
-    # Plain-JAX tasks (speed_limit) have no MJCF and no MuJoCo C reference.
-    valid = envs.mjx_names()
+    # Plain-JAX tasks (speed_limit) have no MJCF and no MuJoCo C reference; the velocity tasks (brax's robots)
+    # are timed with acting=true only.
+    valid = envs.mjx_names() + (sorted(velocity.TASKS) if out["acting"] else [])
     names = valid if opts["envs"] == "all" else [n for n in opts["envs"].split(",") if n]
     unknown = [n for n in names if n not in valid]
     if unknown or not names:
@@ -127,6 +137,42 @@ def mjx_speed(env, batch: int, steps: int, repeats: int = 2, seed: int = 0) -> d
     run_s = min(times)
     return {"batch": batch, "steps": steps, "repeats": repeats, "reset_compile_and_run_s": reset_s,
             "compile_s": compile_s, "run_s": run_s, "run_s_all": times, "env_steps_per_s": batch * steps / run_s}
+
+
+def acting_speed(env, batch: int, steps: int, repeats: int = 2, seed: int = 0) -> dict:
+    """Env-steps/s of the trainers' acting step (best of `repeats` calls of `steps` steps in one jit), random
+    actions, at the task's own episode length, timed as `mjx_speed` times the bare step."""
+    import jax
+
+    from cvpo_jax.core.acting import make_acting
+
+    acting = make_acting(env, int(env.episode_length), batch)
+
+    def rollout(envs_state, first_iteration, key):
+        def body(carry, offset):
+            envs_state, key = carry
+            key, act_key, step_key = jax.random.split(key, 3)
+            action = jax.random.uniform(act_key, (batch, env.action_size), minval=-1.0, maxval=1.0)
+            out = acting.step(envs_state, action, first_iteration + offset, step_key)
+            return (out.envs, key), out.finished["episodes"]
+
+        (envs_state, _), episodes = jax.lax.scan(body, (envs_state, key), jax.numpy.arange(steps))
+        return envs_state, episodes.sum()
+
+    state = jax.block_until_ready(jax.jit(acting.reset)(jax.random.PRNGKey(seed)))
+    t0 = time.perf_counter()
+    compiled = jax.jit(rollout).lower(state, 0, jax.random.PRNGKey(seed)).compile()
+    compile_s = time.perf_counter() - t0
+    state, _ = jax.block_until_ready(compiled(state, 0, jax.random.PRNGKey(seed + 1)))  # warm-up, untimed
+    times, episodes = [], 0
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        state, ended = jax.block_until_ready(compiled(state, (r + 1) * steps, jax.random.PRNGKey(seed + 2 + r)))
+        times.append(time.perf_counter() - t0)
+        episodes += int(ended)
+    run_s = min(times)
+    return {"acting_compile_s": compile_s, "acting_run_s": run_s, "acting_env_steps_per_s": batch * steps / run_s,
+            "acting_episodes_ended": episodes}
 
 
 def mujoco_c_speed(env, env_steps: int, seed: int = 0) -> dict:
@@ -178,30 +224,41 @@ def main(argv: list[str]) -> int:
               "shipped configuration and are not checked against the 5x target", flush=True)
     for name in opts["envs"]:
         env = envs.make(name, **overrides)
-        # The reference always steps the shipped MJCF: with no solver iterations MuJoCo C lets the robot
-        # fall through the floor (and MJX's cost does not depend on what the contacts do).
-        c = mujoco_c_speed(envs.make(name) if bound else env, opts["c_steps"])
-        sgym = sgym_counterpart(name)
-        print(f"{name}: MuJoCo C single thread {c['env_steps_per_s']:.0f} env-steps/s"
-              + (f"; reference {sgym[0]} (Safety-Gymnasium, one env) {sgym[1]:.0f} steps/s" if sgym else ""),
-              flush=True)
+        c = None
+        if isinstance(env, envs.SafetyEnv):
+            # The reference always steps the shipped MJCF: with no solver iterations MuJoCo C lets the robot
+            # fall through the floor (and MJX's cost does not depend on what the contacts do).
+            c = mujoco_c_speed(envs.make(name) if bound else env, opts["c_steps"])
+            sgym = sgym_counterpart(name)
+            print(f"{name}: MuJoCo C single thread {c['env_steps_per_s']:.0f} env-steps/s"
+                  + (f"; reference {sgym[0]} (Safety-Gymnasium, one env) {sgym[1]:.0f} steps/s" if sgym else ""),
+                  flush=True)
         for batch in opts["batches"]:
             steps = opts["steps"] or auto_steps(batch)
             r = mjx_speed(env, batch, steps, opts["repeats"])
-            r.update(env=name, mujoco_c_env_steps_per_s=c["env_steps_per_s"],
-                     ratio_vs_mujoco_c=r["env_steps_per_s"] / c["env_steps_per_s"],
-                     sgym_task=sgym[0] if sgym else None,
-                     sgym_steps_per_s=sgym[1] if sgym else None,
-                     ratio_vs_sgym=r["env_steps_per_s"] / sgym[1] if sgym else None,
-                     iterations=env.config.iterations, iterations_overridden=bound,
-                     meets_5x_sgym=(bool(r["env_steps_per_s"] >= TARGET_FACTOR * sgym[1])
-                                    if sgym and not bound else None))
+            r["env"] = name
+            line = f"{name}: batch {batch:5d}  compile {r['compile_s']:6.1f} s  {r['env_steps_per_s']:9.0f} env-steps/s"
+            if c is not None:
+                r.update(mujoco_c_env_steps_per_s=c["env_steps_per_s"],
+                         ratio_vs_mujoco_c=r["env_steps_per_s"] / c["env_steps_per_s"],
+                         sgym_task=sgym[0] if sgym else None,
+                         sgym_steps_per_s=sgym[1] if sgym else None,
+                         ratio_vs_sgym=r["env_steps_per_s"] / sgym[1] if sgym else None,
+                         iterations=env.config.iterations, iterations_overridden=bound,
+                         meets_5x_sgym=(bool(r["env_steps_per_s"] >= TARGET_FACTOR * sgym[1])
+                                        if sgym and not bound else None))
+                verdict = (f"bound at {opts['iterations']} solver iterations" if bound
+                           else f"{'meets' if r['meets_5x_sgym'] else 'misses'} 5x")
+                versus_sgym = f", {r['ratio_vs_sgym']:.1f}x {sgym[0]}: {verdict}" if sgym else ""
+                line += f"  ({r['ratio_vs_mujoco_c']:.2f}x MuJoCo C{versus_sgym})"
+            if opts["acting"]:
+                r.update(acting_speed(env, batch, steps, opts["repeats"]))
+                r["acting_ratio_vs_step"] = r["acting_env_steps_per_s"] / r["env_steps_per_s"]
+                line += (f"; acting step {r['acting_env_steps_per_s']:9.0f} env-steps/s "
+                         f"({r['acting_ratio_vs_step']:.2f}x the bare step, {r['acting_episodes_ended']} episodes "
+                         f"ended in the timed calls)")
             results.append(r)
-            verdict = (f"bound at {opts['iterations']} solver iterations" if bound
-                       else f"{'meets' if r['meets_5x_sgym'] else 'misses'} 5x")
-            versus_sgym = f", {r['ratio_vs_sgym']:.1f}x {sgym[0]}: {verdict}" if sgym else ""
-            print(f"{name}: batch {batch:5d}  compile {r['compile_s']:6.1f} s  {r['env_steps_per_s']:9.0f} "
-                  f"env-steps/s  ({r['ratio_vs_mujoco_c']:.2f}x MuJoCo C{versus_sgym})", flush=True)
+            print(line, flush=True)
     total_s = time.perf_counter() - t_start
     print(f"total {total_s / 60:.1f} min")
     if opts["json"]:

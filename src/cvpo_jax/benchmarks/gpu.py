@@ -109,7 +109,7 @@ def _update_program(run_args: list[str], members: int):
     batch = Transition(obs=jax.ShapeDtypeStruct((n, b, o), f32), action=jax.ShapeDtypeStruct((n, b, a), f32),
                        reward=jax.ShapeDtypeStruct((n, b), f32), cost=jax.ShapeDtypeStruct((n, b), f32),
                        next_obs=jax.ShapeDtypeStruct((n, b, o), f32), terminal=jax.ShapeDtypeStruct((n, b), f32),
-                       truncated=jax.ShapeDtypeStruct((n, b), f32))
+                       truncated=jax.ShapeDtypeStruct((n, b), f32), terminated=jax.ShapeDtypeStruct((n, b), f32))
     return jax.vmap(learner.update), (state, batch, sweep.settings(), keys), learner, cfg
 
 
@@ -121,7 +121,7 @@ def _env_program(task: str, num_envs: int):
     from cvpo_jax.core.acting import make_acting
 
     env = envs.make(task)
-    acting = make_acting(env, 400, num_envs)  # the episode length only sets when the (rare) reset runs
+    acting = make_acting(env, 400, num_envs)  # restarts from the reset pool; its refill is a conditional
     state = jax.eval_shape(acting.reset, jax.random.PRNGKey(0))
     args = (state, jax.ShapeDtypeStruct((num_envs, env.action_size), jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -150,7 +150,8 @@ def measure_update_trips(run_args: list[str], members: int, updates: int = 4) ->
         rng = np.random.default_rng(0)
         batch = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), batch_shape)
         batch = batch.replace(action=jnp.clip(batch.action, -1.0, 1.0), cost=(batch.cost > 1.0).astype(jnp.float32),
-                               terminal=jnp.zeros_like(batch.terminal), truncated=jnp.zeros_like(batch.truncated))
+                               terminal=jnp.zeros_like(batch.terminal), truncated=jnp.zeros_like(batch.truncated),
+                               terminated=jnp.zeros_like(batch.terminated))
         update = jax.jit(fn)
         for i in range(updates):
             state, _ = update(state, batch, settings, jax.random.split(jax.random.PRNGKey(i), members))
@@ -175,7 +176,7 @@ def measure_env_trips(task: str, num_envs: int, steps: int = 4) -> dict[str, flo
                 trips.clear()  # the first step follows the reset
             key, act_key, reset_key = jax.random.split(key, 3)
             action = jax.random.uniform(act_key, (num_envs, env.action_size), minval=-1.0, maxval=1.0)
-            state = step(state, action, jnp.int32(i), reset_key).env_state
+            state = step(state, action, jnp.int32(i), reset_key).envs
         jax.block_until_ready(state)
     return hlo_model.mean_trips(trips)
 

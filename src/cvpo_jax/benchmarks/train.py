@@ -77,7 +77,7 @@ def _time_updates(cfg, env, learner, settings, keys, repeats: int) -> dict:
         reward=jnp.asarray(rng.normal(size=(n, b)), jnp.float32),
         cost=jnp.asarray(rng.uniform(size=(n, b)) < 0.1, jnp.float32),
         next_obs=jnp.asarray(rng.normal(size=(n, b, env.observation_size)), jnp.float32),
-        terminal=jnp.zeros((n, b)), truncated=jnp.zeros((n, b)))
+        terminal=jnp.zeros((n, b)), truncated=jnp.zeros((n, b)), terminated=jnp.zeros((n, b)))
     update_keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(n))
 
     full = jax.jit(jax.vmap(learner.update))

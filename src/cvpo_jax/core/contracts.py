@@ -57,8 +57,9 @@ class Rollout:
     reward: jax.Array  # [T, E]
     cost: jax.Array  # [T, E]
     next_obs: jax.Array  # [T, E, O], the true next observation, before any reset
-    terminal: jax.Array  # [T, E], 1: next_obs is terminal for the value (goal reached, as the replay trainer)
+    terminal: jax.Array  # [T, E], 1: the reward value stops at next_obs (a termination or a reached goal)
     truncated: jax.Array  # [T, E], 1: the episode was cut by the time limit after this step
+    terminated: jax.Array  # [T, E], 1: the task ended the episode after this step (no value of any kind)
 
 
 class OnPolicyLearner(NamedTuple):

@@ -22,8 +22,11 @@ class Transition:
     reward: jax.Array  # [...]
     cost: jax.Array  # [...]
     next_obs: jax.Array  # [..., O]
-    terminal: jax.Array  # [...] 1.0 where bootstrapping stops (goal reached counts, as in the original)
-    truncated: jax.Array  # [...] 1.0 where a time limit ended the episode: next_obs is then a reset obs
+    terminal: jax.Array  # [...] 1.0 where the reward's bootstrap stops: a termination, or a reached goal (as
+    #   the original; that episode goes on)
+    truncated: jax.Array  # [...] 1.0 where the time limit ended the episode (next_obs still has a value)
+    terminated: jax.Array  # [...] 1.0 where the task ended the episode (a death, a fall): no value of any
+    #   kind, reward or cost, after next_obs
 
 
 @struct.dataclass

@@ -4,8 +4,8 @@ Everything here is written for one sweep member and vmapped once at the top (`Tr
 one compile. A chunk is a `lax.scan` over iterations of: step `num_envs` environments (`acting.py`), insert
 the transitions, then `updates_per_iteration` learner updates; at the first iteration after the random
 warm-up, before the policy acts, `warmup_updates` updates on the warm-up's data (the original's protocol).
-Python only runs between chunks (logging, evaluation, checkpoints). The warm-up switch is a real `lax.cond`
-(acting is in lock-step, see acting.py).
+Python only runs between chunks (logging, evaluation, checkpoints). The warm-up switch is a real `lax.cond`:
+it reads only the iteration counter, which every member shares.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-from brax.envs.base import Env, State
+from brax.envs.base import Env
 from flax import struct
 
 from cvpo_jax.config import RunConfig, warmup_updates
 from cvpo_jax.core import replay
-from cvpo_jax.core.acting import make_acting, make_evaluate, nonfinite_flag
+from cvpo_jax.core.acting import EnvsState, make_acting, make_evaluate, nonfinite_flag
 from cvpo_jax.core.contracts import MemberSettings, OffPolicyLearner, Schedule, Trainer
 from cvpo_jax.core.replay import ReplayState, Transition
 
@@ -30,7 +30,7 @@ class TrainState:
 
     learner: object  # the learner's state; `.params` is what evaluation and checkpoints read
     replay: ReplayState
-    env_state: State  # leaves [num_envs, ...]
+    envs: EnvsState  # the member's environments, leaves [num_envs, ...]
     key: jax.Array
 
 
@@ -46,35 +46,37 @@ def make_replay_trainer(cfg: RunConfig, env: Env, learner: OffPolicyLearner) -> 
     episode_length = int(cfg.episode_length)
     schedule = make_schedule(cfg, episode_length)
     num_envs, action_size = cfg.num_envs, env.action_size
-    acting = make_acting(env, episode_length, num_envs)
+    acting = make_acting(env, episode_length, num_envs, cfg.reset_refill_period)
     capacity = replay.rounded_capacity(cfg.replay_capacity, num_envs)
 
     def init(key: jax.Array) -> TrainState:
         learner_key, env_key, key = jax.random.split(key, 3)
-        env_state = acting.reset(env_key)
+        envs = acting.reset(env_key)
         example = Transition(
-            obs=env_state.obs[0], action=jnp.zeros((action_size,)), reward=jnp.zeros(()), cost=jnp.zeros(()),
-            next_obs=env_state.obs[0], terminal=jnp.zeros(()), truncated=jnp.zeros(()))
+            obs=envs.obs[0], action=jnp.zeros((action_size,)), reward=jnp.zeros(()), cost=jnp.zeros(()),
+            next_obs=envs.obs[0], terminal=jnp.zeros(()), truncated=jnp.zeros(()),
+            terminated=jnp.zeros(()))
         return TrainState(learner=learner.init(learner_key), replay=replay.init(example, capacity),
-                          env_state=env_state, key=key)
+                          envs=envs, key=key)
 
     def env_iteration(state: TrainState, iteration: jax.Array, settings: MemberSettings):
-        """Act in every env (uniform random during warm-up), store the transitions, reset finished envs."""
+        """Act in every env (uniform random during warm-up), store the transitions, restart ended episodes."""
         key, act_key, reset_key = jax.random.split(state.key, 3)
         action = jax.lax.cond(
             iteration < schedule.warmup_iterations,
             lambda: jax.random.uniform(act_key, (num_envs, action_size), minval=-1.0, maxval=1.0),
-            lambda: learner.act(state.learner.params, state.env_state.obs, act_key),
+            lambda: learner.act(state.learner.params, state.envs.obs, act_key),
         )  # [E, A]
-        step = acting.step(state.env_state, action, iteration, reset_key)
+        step = acting.step(state.envs, action, iteration, reset_key)
         learner_state = state.learner
         if learner.observe_episodes is not None:  # e.g. the episodic PID multiplier
+            # Called at every step at which some of the member's episodes ended, with their mean cost.
             mean_cost = step.finished["episode_cost"] / jnp.maximum(step.finished["episodes"], 1)
-            learner_state = jax.lax.cond(step.episode_over,
+            learner_state = jax.lax.cond(step.finished["episodes"] > 0,
                                          lambda s: learner.observe_episodes(s, mean_cost, settings),
                                          lambda s: s, learner_state)
         return state.replace(learner=learner_state, replay=replay.insert(state.replay, step.transition),
-                             env_state=step.env_state, key=key), step.finished
+                             envs=step.envs, key=key), step.finished
 
     def learn(state: TrainState, settings: MemberSettings, num_updates: int):
         def one_update(carry, _):

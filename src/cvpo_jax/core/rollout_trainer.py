@@ -15,11 +15,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from brax.envs.base import Env, State
+from brax.envs.base import Env
 from flax import struct
 
 from cvpo_jax.config import RunConfig
-from cvpo_jax.core.acting import make_acting, make_evaluate, nonfinite_flag
+from cvpo_jax.core.acting import EnvsState, make_acting, make_evaluate, nonfinite_flag
 from cvpo_jax.core.contracts import MemberSettings, OnPolicyLearner, Rollout, Schedule, Trainer
 
 
@@ -28,7 +28,7 @@ class RolloutTrainState:
     """One member's training state (the trainer stacks N of them on a leading axis)."""
 
     learner: Any  # the learner's state; `.params` is what evaluation and checkpoints read
-    env_state: State  # leaves [E, ...]
+    envs: EnvsState  # the member's environments, leaves [E, ...]
     key: jax.Array
 
 
@@ -52,29 +52,30 @@ def make_rollout_trainer(cfg: RunConfig, env: Env, learner: OnPolicyLearner) -> 
     schedule = make_rollout_schedule(cfg, episode_length)
     length = rollout_length(cfg, episode_length)
     rollouts_per_chunk = schedule.iterations_per_chunk // length
-    acting = make_acting(env, episode_length, cfg.num_envs)
+    acting = make_acting(env, episode_length, cfg.num_envs, cfg.reset_refill_period)
 
     def init(key: jax.Array) -> RolloutTrainState:
         learner_key, env_key, key = jax.random.split(key, 3)
-        return RolloutTrainState(learner=learner.init(learner_key), env_state=acting.reset(env_key), key=key)
+        return RolloutTrainState(learner=learner.init(learner_key), envs=acting.reset(env_key), key=key)
 
     def env_iteration(carry, iteration: jax.Array, settings: MemberSettings):
-        """Act in every env with the exploring policy, record the transition, reset finished envs."""
-        learner_state, env_state, key = carry
+        """Act in every env with the exploring policy, record the transition, restart ended episodes."""
+        learner_state, envs, key = carry
         key, act_key, reset_key = jax.random.split(key, 3)
-        action, log_prob, explore_metrics = learner.explore(learner_state, env_state.obs, act_key, settings)
-        step = acting.step(env_state, action, iteration, reset_key)
+        action, log_prob, explore_metrics = learner.explore(learner_state, envs.obs, act_key, settings)
+        step = acting.step(envs, action, iteration, reset_key)
         t = step.transition
         record = Rollout(obs=t.obs, action=t.action, log_prob=log_prob, reward=t.reward, cost=t.cost,
-                         next_obs=t.next_obs, terminal=t.terminal, truncated=t.truncated)
-        return (learner_state, step.env_state, key), (record, step.finished, explore_metrics)
+                         next_obs=t.next_obs, terminal=t.terminal, truncated=t.truncated,
+                         terminated=t.terminated)
+        return (learner_state, step.envs, key), (record, step.finished, explore_metrics)
 
     def one_rollout(state: RolloutTrainState, first_iteration: jax.Array, settings: MemberSettings):
         """`length` env iterations, then one update on the rollout they produced."""
-        carry = (state.learner, state.env_state, state.key)
+        carry = (state.learner, state.envs, state.key)
         carry, (rollout, finished, explore_metrics) = jax.lax.scan(
             lambda c, offset: env_iteration(c, first_iteration + offset, settings), carry, jnp.arange(length))
-        learner_state, env_state, key = carry
+        learner_state, envs, key = carry
         finished = {k: jnp.sum(v) for k, v in finished.items()}
         # The mean episodic cost of the episodes that ended here; NaN tells the learner there was none.
         episode_cost = jnp.where(finished["episodes"] > 0,
@@ -82,7 +83,7 @@ def make_rollout_trainer(cfg: RunConfig, env: Env, learner: OnPolicyLearner) -> 
         key, update_key = jax.random.split(key)
         learner_state, update_metrics = learner.update(learner_state, rollout, episode_cost, settings, update_key)
         metrics = {**{k: jnp.mean(v) for k, v in explore_metrics.items()}, **update_metrics}
-        return RolloutTrainState(learner=learner_state, env_state=env_state, key=key), (finished, metrics)
+        return RolloutTrainState(learner=learner_state, envs=envs, key=key), (finished, metrics)
 
     def run_chunk(state: RolloutTrainState, settings: MemberSettings, first_iteration: jax.Array):
         def body(state, r):
