@@ -40,11 +40,11 @@ def test_one_env_terminating_among_many_restarts_alone_and_the_others_go_on(toy_
     np.testing.assert_array_equal(t.truncated, [0, 0, 0])
     np.testing.assert_array_equal(out.ended, [False, True, False])
     np.testing.assert_array_equal(t.next_obs[:, 0], [2, 2, 2])  # the true next observations, before the restart
-    # Env 1 restarted from the first pool entry; envs 0 and 2 are untouched.
-    np.testing.assert_array_equal(out.envs.obs[1], pool_obs[0])
+    # Env 1 restarted from its pool slot; envs 0 and 2 are untouched.
+    np.testing.assert_array_equal(out.envs.obs[1], pool_obs[1])
     np.testing.assert_array_equal(np.asarray(out.envs.obs)[[0, 2], 0], [2, 2])
     np.testing.assert_array_equal(out.envs.steps, [2, 0, 2])
-    assert int(out.envs.pool_taken) == 1
+    np.testing.assert_array_equal(out.envs.pool_used, [False, True, False])
     f = jax.device_get(out.finished)
     assert (f["episodes"], f["terminations"], f["episode_length"], f["episode_reward"]) == (1, 1, 2, 2.0)
     assert f["reused_resets"] == 0
@@ -64,12 +64,12 @@ def test_truncation_is_not_a_termination_and_each_env_keeps_its_own_clock(toy_ac
     f = jax.device_get(out.finished)
     assert (f["episodes"], f["terminations"], f["episode_length"]) == (2, 0, 10)
     assert (f["episode_reward"], f["episode_cost"], f["step_cost"]) == (10.0, 5.0, 1.0)
-    # Pool entries are handed out in order: env 1 took entry 0, then envs 0 and 2 entries 1 and 2.
+    # Each env restarts from its own pool slot.
     pool_obs = np.asarray(reset(jax.random.PRNGKey(0)).pool.obs)
-    np.testing.assert_array_equal(np.asarray(out.envs.obs)[[0, 2]], pool_obs[[1, 2]])
+    np.testing.assert_array_equal(np.asarray(out.envs.obs)[[0, 2]], pool_obs[[0, 2]])
 
 
-def test_more_endings_than_the_pool_holds_reuse_entries_and_a_refill_restores_it():
+def test_an_env_ending_twice_between_refills_reuses_its_slot_and_a_refill_restores_it():
     acting = make_acting(TerminatesOnRequest(), episode_length=50, num_envs=2, refill_period=3)
     reset, step = jax.jit(acting.reset), jax.jit(acting.step)
     envs_state = reset(jax.random.PRNGKey(0))
@@ -77,10 +77,10 @@ def test_more_endings_than_the_pool_holds_reuse_entries_and_a_refill_restores_it
     out = step(envs_state, jnp.array([END, END]), jnp.int32(0), jax.random.PRNGKey(1))
     assert int(out.finished["reused_resets"]) == 0
     out = step(out.envs, jnp.array([END, KEEP]), jnp.int32(1), jax.random.PRNGKey(2))
-    assert int(out.finished["reused_resets"]) == 1  # a third ending before the refill: entry 0 again
+    assert int(out.finished["reused_resets"]) == 1  # env 0 ends again before the refill: its slot again
     np.testing.assert_array_equal(out.envs.obs[0], first_pool[0])
     out = step(out.envs, jnp.array([KEEP, KEEP]), jnp.int32(2), jax.random.PRNGKey(3))  # refill after this one
-    assert int(out.envs.pool_taken) == 0
+    assert not np.asarray(out.envs.pool_used).any()
     fresh = np.asarray(out.envs.pool.obs)
     assert not np.isin(fresh[:, 1], first_pool[:, 1]).any()
     out = step(out.envs, jnp.array([END, KEEP]), jnp.int32(3), jax.random.PRNGKey(4))

@@ -112,8 +112,8 @@ def test_cql_over_estimates_on_policy_actions_and_alpha_zero_does_not():
     assert plain + 0.1 < small < over, (plain, small, over)
 
 
-def _numpy_rejection(draws, q, thresholds):
-    """Line 6 as a plain loop: execute the first draw with Q_C ≤ ε; after all, the lowest Q_C."""
+def _numpy_rejection(draws, q, thresholds, when_all_rejected):
+    """Line 6 as a plain loop: execute the first draw with Q_C ≤ ε; after all, the last (or the lowest Q_C)."""
     actions, counts, accepted = [], [], []
     for e in range(draws.shape[0]):
         chosen = None
@@ -122,7 +122,8 @@ def _numpy_rejection(draws, q, thresholds):
                 chosen = m
                 break
         if chosen is None:
-            actions.append(draws[e, int(np.argmin(q[e]))])
+            fallback = int(np.argmin(q[e])) if when_all_rejected == "safest" else draws.shape[1] - 1
+            actions.append(draws[e, fallback])
             counts.append(draws.shape[1])
             accepted.append(False)
         else:
@@ -132,8 +133,9 @@ def _numpy_rejection(draws, q, thresholds):
     return np.stack(actions), np.asarray(counts), np.asarray(accepted)
 
 
+@pytest.mark.parametrize("when_all_rejected", ["last_draw", "safest"])
 @pytest.mark.parametrize("num_draws", [1, 7, 100])
-def test_rejection_rule_matches_a_numpy_loop(num_draws):
+def test_rejection_rule_matches_a_numpy_loop(num_draws, when_all_rejected):
     e, a = 6, 2
     dist = gaussian.Gaussian(mean=jnp.linspace(-0.5, 0.5, e * a).reshape(e, a),
                              scale_tril=jnp.broadcast_to(jnp.array([[0.5, 0.0], [0.2, 0.4]]), (e, a, a)))
@@ -147,14 +149,15 @@ def test_rejection_rule_matches_a_numpy_loop(num_draws):
     # Per-env thresholds: one accepts almost anything, one nothing, the rest in between.
     thresholds = np.array([10.0, -10.0, 0.0, -0.5, 0.5, -1.5], np.float32)
 
-    chosen = csc.select_action(jnp.asarray(draws_np), jnp.asarray(q), jnp.asarray(thresholds))
-    actions, counts, accepted = _numpy_rejection(draws_np, q, thresholds)
+    chosen = csc.select_action(jnp.asarray(draws_np), jnp.asarray(q), jnp.asarray(thresholds), when_all_rejected)
+    actions, counts, accepted = _numpy_rejection(draws_np, q, thresholds, when_all_rejected)
     np.testing.assert_allclose(np.asarray(chosen.action), actions, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(chosen.num_draws), counts)
     np.testing.assert_array_equal(np.asarray(chosen.accepted), accepted)
     assert np.all(np.asarray(chosen.num_draws) <= num_draws)  # the cap
-    assert not accepted[1] and counts[1] == num_draws  # ε = −10: all rejected, the safest is executed
-    np.testing.assert_allclose(np.asarray(chosen.action)[1], draws_np[1, np.argmin(q[1])], rtol=1e-6)
+    assert not accepted[1] and counts[1] == num_draws  # ε = −10: all rejected, the fallback is executed
+    fallback = np.argmin(q[1]) if when_all_rejected == "safest" else num_draws - 1
+    np.testing.assert_allclose(np.asarray(chosen.action)[1], draws_np[1, fallback], rtol=1e-6)
     assert accepted[0] and counts[0] == 1
 
 
@@ -176,7 +179,7 @@ def test_explore_executes_a_policy_draw_under_the_threshold():
     draws = np.asarray(gaussian.sample(policy_dist, key, 9))  # [E, M, A]
     q = np.stack([np.asarray(SingleQ(hidden=(16,)).apply(state.params.safety_critic, obs,
                                                             jnp.clip(draws[:, m], -1, 1))) for m in range(9)], 1)
-    expected, counts, accepted = _numpy_rejection(draws, q, np.zeros(5))
+    expected, counts, accepted = _numpy_rejection(draws, q, np.zeros(5), "last_draw")  # the default
     np.testing.assert_allclose(np.asarray(action), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(log_prob), np.asarray(gaussian.log_prob(policy_dist, expected)),
                                rtol=1e-5, atol=1e-5)
@@ -404,11 +407,15 @@ def test_csc_policy_step_is_the_natural_gradient_step_on_its_surrogate():
     assert float(step.metrics["csc/cost_advantage_new"]) < 0
 
 
-# A tiny CSC run on speed_limit (episodes of 50 steps, cost limit 5): one rollout of 8 envs per update.
+# A tiny CSC run on speed_limit (episodes of 50 steps, cost limit 5): one rollout of 8 envs per update. With a
+# per-step cost, ε = (1 − γ)(χ − V̂_C) sits below every Q_C here and every draw is rejected (csc/all_rejected
+# 1.0), so what keeps the training episodes cheap is the fallback: `safest` executes the lowest-Q_C draw; the
+# paper's `last_draw` executes a plain sample of π and trains at cost 20-38 per episode on this task.
 TINY_CSC = [
     "env=speed_limit", "algo=csc", "network.hidden=[32,32]", "num_envs=8", "chunk_env_steps=2000",
     "total_env_steps=10000", "eval_every_env_steps=2000", "eval_episodes=4", "progress=false",
     "replay_capacity=10000", "csc.batch_size=64", "onpolicy.gamma=0.9", "csc.cql_alpha=0.05",
+    "csc.when_all_rejected=safest",
 ]
 
 

@@ -219,6 +219,9 @@ class CSCConfig:
     """Replay minibatch size for the safety critic."""
     max_resamples: int = 100
     """Cap on rejection-sampling draws per action while acting (paper A.4: 100)."""
+    when_all_rejected: str = "last_draw"
+    """What is executed when all `max_resamples` draws are rejected: last_draw (the paper: its loop stops and
+    the last draw, a plain sample of π, is executed) or safest (the draw with the lowest Q_C)."""
     num_particles: int = 16
     """Draws from π per state estimating E_{a~π}Q_C (CQL(ζ) term, baseline of Â_C, policy cost term)."""
     polyak: float = 0.995
@@ -266,9 +269,9 @@ class RunConfig:
     replay_capacity: int = 80_000
     """Transitions kept per member (original: 80k)."""
     reset_refill_period: int = 16
-    """Iterations between refills of the pool of `num_envs` ready reset states that environments whose
-    episode ended (terminated or truncated) restart from (core/acting.py): a refill is one vmapped reset.
-    Episodes shorter than this on average reuse pool entries (the metric train/reused_resets counts them)."""
+    """Iterations between refills of the pool of ready reset states, one per environment, that an environment
+    whose episode ended (terminated or truncated) restarts from (core/acting.py): a refill is one vmapped reset.
+    An env whose episodes end twice between refills restarts from the same state again (train/reused_resets)."""
     chunk_env_steps: int = 2000
     """Env steps per member inside one jitted call; Python only runs between chunks."""
     eval_every_env_steps: int = 20_000
@@ -472,6 +475,8 @@ def _validate_baselines(cfg: RunConfig) -> None:
     for name in ("critic_updates", "batch_size", "max_resamples", "num_particles"):
         _check(getattr(csc, name) >= 1, f"csc.{name}", getattr(csc, name), "must be >= 1")
     _check(0.0 <= csc.polyak < 1.0, "csc.polyak", csc.polyak, "must be in [0, 1)")
+    _check(csc.when_all_rejected in ("last_draw", "safest"), "csc.when_all_rejected", csc.when_all_rejected,
+           "allowed: last_draw, safest")
 
 
 def warmup_updates(cfg: RunConfig) -> int:

@@ -21,11 +21,16 @@ V̂_C = that of the mean episodic cost of the training episodes that ended in th
 Algorithm 1 line 2). Then ε = (1 − γ)(χ − V̂_C) exactly as Algorithm 1 line 5, in Q_C units.
 
 All draws rejected. The draws are i.i.d., so the `max_resamples` draws are taken at once and the executed one
-is the first with Q_C ≤ ε, which is what the sequential loop of line 6 would execute. When none passes (the
-paper only says it stops after 100; A.4), the draw with the lowest Q_C is executed: the safest action the
-critic knows among those tried, rather than the last, arbitrary one. ε is small by construction ((1 − γ) times
-a per-state value) and negative once the observed cost exceeds the limit, so the fallback is common early on
-and whenever the training cost is over the limit; `csc/all_rejected` reports how often.
+is the first with Q_C ≤ ε, which is what the sequential loop of line 6 would execute. When none passes, the
+paper's loop stops after 100 draws (A.4) and executes the last one, a plain sample of π
+(`csc.when_all_rejected=last_draw`, the default). `safest` executes the draw with the lowest Q_C instead,
+which looks safer but feeds the critic's own choice back into it: the executed actions are then the tail of π
+the critic deems safest, π/μ grows, and the CQL lift with it (see "Conservatism compounds" below). On
+point_traps it made Q_C climb to ~70 (a probability of failure is at most 1), every draw was rejected from
+100k env steps on and the policy stopped learning (experiments/README.md, "CSC on point_traps"). ε is small
+by construction ((1 − γ) times a per-state value) and negative once the observed cost exceeds the limit, so
+the fallback is common early on and whenever the training cost is over the limit; `csc/all_rejected` reports
+how often.
 
 Cost advantage and the policy step (eqs. 5, 7-8). Â_C(s, a) = Q_C(s, a) − E_{a'~π_old}Q_C(s, a'), the
 advantage under the over-estimating critic, the expectation over `csc.num_particles` draws. The objective of
@@ -140,15 +145,17 @@ class Selection(NamedTuple):
     action: jax.Array  # [E, A] the executed draw
     index: jax.Array  # [E] int32, which of the M draws
     num_draws: jax.Array  # [E] int32, draws a sequential loop would have taken (index + 1, or M)
-    accepted: jax.Array  # [E] bool, False: all M rejected, the lowest-Q_C draw is executed
+    accepted: jax.Array  # [E] bool, False: all M rejected (the fallback draw is executed)
 
 
-def select_action(draws: jax.Array, q_c: jax.Array, threshold: jax.Array) -> Selection:
-    """Rejection sampling of line 6 over pre-drawn candidates: the first draw with Q_C ≤ ε, else the lowest Q_C.
+def select_action(draws: jax.Array, q_c: jax.Array, threshold: jax.Array, when_all_rejected: str = "last_draw"
+                  ) -> Selection:
+    """Rejection sampling of line 6 over pre-drawn candidates: the first draw with Q_C ≤ ε, else the last draw
+    (the paper's loop, stopped after M draws) or, with when_all_rejected="safest", the lowest Q_C.
 
     Args:
       draws: [E, M] candidate actions [E, M, A] in draw order. q_c: Q_C of each, [E, M] (NaN counts as
-        rejected). threshold: ε, [] or [E].
+        rejected). threshold: ε, [] or [E]. when_all_rejected: "last_draw" or "safest".
 
     Returns:
       Selection (see the class).
@@ -157,8 +164,13 @@ def select_action(draws: jax.Array, q_c: jax.Array, threshold: jax.Array) -> Sel
     ok = q_c <= jnp.asarray(threshold)[..., None]  # [E, M]; NaN compares False
     any_ok = jnp.any(ok, axis=1)  # [E]
     first = jnp.argmax(ok, axis=1)  # [E] the first True (0 when none, unused then)
-    safest = jnp.argmin(jnp.where(jnp.isnan(q_c), jnp.inf, q_c), axis=1)  # [E]
-    index = jnp.where(any_ok, first, safest).astype(jnp.int32)
+    if when_all_rejected == "safest":
+        fallback = jnp.argmin(jnp.where(jnp.isnan(q_c), jnp.inf, q_c), axis=1)  # [E]
+    elif when_all_rejected == "last_draw":
+        fallback = jnp.full(any_ok.shape, num - 1)
+    else:
+        raise ValueError(f"when_all_rejected={when_all_rejected!r}: allowed: last_draw, safest")
+    index = jnp.where(any_ok, first, fallback).astype(jnp.int32)
     action = jnp.take_along_axis(draws, index[:, None, None], axis=1)[:, 0]  # [E, A]
     num_draws = jnp.where(any_ok, first + 1, num).astype(jnp.int32)
     return Selection(action=action, index=index, num_draws=num_draws, accepted=any_ok)
@@ -445,7 +457,7 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
         draws = gaussian.sample(dist, key, c.max_resamples)  # [E, M, A]
         q = q_c(state.params.safety_critic, obs, draws)  # [E, M]
         threshold = rejection_threshold(chi_of(settings), cost_value_of(state, settings), gamma)
-        chosen = select_action(draws, q, threshold)
+        chosen = select_action(draws, q, threshold, c.when_all_rejected)
         executed_q = jnp.take_along_axis(q, chosen.index[:, None], axis=1)[:, 0]  # [E]
         metrics = {
             "csc/rejection_threshold": threshold,

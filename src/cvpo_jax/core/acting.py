@@ -8,13 +8,13 @@ An episode ends in one of two ways, kept distinct all the way to the learners:
   state still has a value (`Transition.truncated`; the learners bootstrap from `next_obs`).
 Each environment keeps its own episode clock, so environments (and sweep members) need not run in lock-step.
 
-Restarts are cheap: an environment whose episode ended takes the next state of a *pool* of ready reset
-states (a gather and a per-env select, no reset computed) and goes on; the pool (one state per environment)
-is recomputed as a whole every `refill_period` iterations (one vmapped reset, a real `lax.cond` on the
-unbatched iteration counter). Between refills each pool entry is handed out once; if more episodes end
-than the pool holds (episodes shorter than the refill period on average), entries are handed out again
-(the same start state, counted in `reused_resets`). Computing a reset for every env at every step instead
-would cost a reset per step: on the CPU a vmapped reset of 10 Point envs is about a third of their step.
+Restarts are cheap: each environment has its own slot in a *pool* of ready reset states, and an environment
+whose episode ended restarts from its slot (a per-env select, no reset computed) while the others go on. The
+pool is recomputed as a whole every `refill_period` iterations (one vmapped reset, a real `lax.cond` on the
+unbatched iteration counter). An environment whose episodes end twice between two refills (episodes
+shorter than the refill period) restarts from the same state again, counted in `reused_resets`. Computing a
+reset for every env at every step instead would cost a reset per step: on the CPU a vmapped reset of 10
+Point envs is about a third of their step.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class EnvsState:
     steps: jax.Array  # [E] int32: steps taken in each env's current episode
     episode_reward: jax.Array  # [E]: return of each env's current episode so far
     episode_cost: jax.Array  # [E]
-    pool: State  # leaves [E, ...]: ready reset states
-    pool_taken: jax.Array  # [] int32: pool entries handed out since the last refill
+    pool: State  # leaves [E, ...]: a ready reset state for each env
+    pool_used: jax.Array  # [E] bool: the env restarted from its pool slot since the last refill
 
     @property
     def obs(self) -> jax.Array:
@@ -80,7 +80,7 @@ def make_acting(env: Env, episode_length: int, num_envs: int, refill_period: int
         zeros = jnp.zeros((num_envs,))
         return EnvsState(env=fresh_states(env_key), steps=jnp.zeros((num_envs,), jnp.int32),
                          episode_reward=zeros, episode_cost=zeros, pool=fresh_states(pool_key),
-                         pool_taken=jnp.int32(0))
+                         pool_used=jnp.zeros((num_envs,), jnp.bool_))
 
     def step(envs: EnvsState, action: jax.Array, iteration: jax.Array, key: jax.Array) -> EnvStep:
         stepped = batched_step(envs.env, action)
@@ -99,30 +99,23 @@ def make_acting(env: Env, episode_length: int, num_envs: int, refill_period: int
             terminal=jnp.maximum(goal_reached, terminated.astype(jnp.float32)),
             truncated=truncated.astype(jnp.float32), terminated=terminated.astype(jnp.float32))
 
-        # Ended envs take the next pool entries in env order: entry (pool_taken + rank) mod E.
-        num_ended = jnp.sum(ended, dtype=jnp.int32)
-        rank = jnp.cumsum(ended, dtype=jnp.int32) - 1  # [E]
-        entry = (envs.pool_taken + rank) % num_envs
-        restarted = jax.tree.map(lambda pool: pool[entry], envs.pool)
-        taken = envs.pool_taken + num_ended
-        reused = jnp.maximum(taken - num_envs, 0) - jnp.maximum(envs.pool_taken - num_envs, 0)
         finished = {
-            "episodes": num_ended,
+            "episodes": jnp.sum(ended, dtype=jnp.int32),
             "episode_reward": jnp.sum(jnp.where(ended, episode_reward, 0.0)),
             "episode_cost": jnp.sum(jnp.where(ended, episode_cost, 0.0)),
             "episode_length": jnp.sum(jnp.where(ended, steps, 0)),
             "terminations": jnp.sum(terminated, dtype=jnp.int32),
             "step_cost": jnp.sum(cost),
-            "reused_resets": reused,
+            "reused_resets": jnp.sum(ended & envs.pool_used, dtype=jnp.int32),
         }
-        envs = EnvsState(env=select_per_env(ended, restarted, stepped),
+        envs = EnvsState(env=select_per_env(ended, envs.pool, stepped),
                          steps=jnp.where(ended, 0, steps),
                          episode_reward=jnp.where(ended, 0.0, episode_reward),
                          episode_cost=jnp.where(ended, 0.0, episode_cost),
-                         pool=envs.pool, pool_taken=taken)
+                         pool=envs.pool, pool_used=envs.pool_used | ended)
         # The iteration counter is the same for every member, so this stays a real branch under the vmap.
         refill = (iteration + 1) % refill_period == 0
-        envs = jax.lax.cond(refill, lambda e: e.replace(pool=fresh_states(key), pool_taken=jnp.int32(0)),
+        envs = jax.lax.cond(refill, lambda e: e.replace(pool=fresh_states(key), pool_used=jnp.zeros_like(ended)),
                             lambda e: e, envs)
         return EnvStep(envs, transition, finished, ended)
 
