@@ -123,6 +123,7 @@ class SafetyEnv(Env):
 
     # Names of reward terms (metrics "reward/<name>") and cost terms ("cost/<name>") a task reports.
     reward_terms: tuple[str, ...] = ()
+    terminates = False  # whether `_terminated` can ever be 1 (the trainers refill their reset pool less often if not)
     cost_terms: tuple[str, ...] = ()
 
     def __init__(self, config: Config, name: str = ""):

@@ -20,6 +20,7 @@ ARENA_HALF_SIZE = 5.0
 
 class SpeedLimit(Env):
     episode_length = 50
+    terminates = False
     cost_limit = 5.0
 
     def reset(self, rng: jax.Array) -> State:

@@ -46,6 +46,7 @@ class TrapsEnv(GoalEnv):
 
     reward_terms = ("distance", "goal")
     cost_terms = ("failure",)
+    terminates = True
 
     def __init__(self, config: Config, name: str = ""):
         super().__init__(config, name)

@@ -77,6 +77,7 @@ class VelocityEnv(Env):
         self.robot = robot
         self.name = name or f"{robot}_velocity"
         self.spec = ROBOTS[robot]
+        self.terminates = self.spec.terminates  # HalfCheetah never does (the trainers read this)
         self.velocity_threshold = VELOCITY_THRESHOLDS[robot]
         with warnings.catch_warnings():
             # brax warns on every model load that its envs are unmaintained (README: why we use them anyway).

@@ -1,6 +1,6 @@
 """Env-steps/s of the trainers' acting step, for comparing two checkouts of cvpo_jax on one machine.
 
-    PYTHONPATH=<checkout>/src python experiments/acting_before_after.py tasks=point_goal,point_traps batch=15
+    PYTHONPATH=<checkout>/src python experiments/acting_before_after.py tasks=point_goal batch=15 [refill_period=auto|N]
 
 Times `steps` acting steps of `batch` envs in one jit (random actions, best of `repeats` calls after a warm-up),
 through whichever acting API the checkout has: before issue 14, `make_acting(...).step(env_state, action,
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 
 def main(argv):
-    opts = {"tasks": "point_goal", "batch": "15", "steps": "400", "repeats": "3"}
+    opts = {"tasks": "point_goal", "batch": "15", "steps": "400", "repeats": "3", "refill_period": "auto"}
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in opts:
@@ -32,7 +32,9 @@ def main(argv):
     new_api = hasattr(acting_module, "EnvsState")
     for task in opts["tasks"].split(","):
         env = envs.make(task)
-        acting = acting_module.make_acting(env, int(env.episode_length), batch)
+        auto = opts["refill_period"] == "auto"
+        refill = {"refill_period": None if auto else int(opts["refill_period"])} if new_api else {}
+        acting = acting_module.make_acting(env, int(env.episode_length), batch, **refill)
 
         def rollout(state, first, key):
             def body(carry, offset):
@@ -53,7 +55,8 @@ def main(argv):
             t0 = time.perf_counter()
             state, _ = jax.block_until_ready(compiled(state, (r + 1) * steps, jax.random.PRNGKey(2 + r)))
             times.append(time.perf_counter() - t0)
-        print(f"{'after' if new_api else 'before'} {task} batch {batch}: "
+        label = f"after (refill every {opts['refill_period']})" if new_api else "before"
+        print(f"{label} {task} batch {batch}: "
               f"{batch * steps / min(times):.0f} env-steps/s (best of {repeats} x {steps} steps)", flush=True)
 
 

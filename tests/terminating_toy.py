@@ -13,6 +13,7 @@ from brax.envs.base import Env, State
 
 class TerminatesOnRequest(Env):
     episode_length = 5
+    terminates = True
     cost_limit = 1.0
 
     def reset(self, rng: jax.Array) -> State:

@@ -120,3 +120,19 @@ def test_evaluation_stops_counting_at_a_termination():
     np.testing.assert_allclose(m["eval/episode_cost"], lengths.mean(), rtol=1e-6)
     np.testing.assert_allclose(m["eval/terminated"], ends.mean(), rtol=1e-6)
     np.testing.assert_allclose(m["eval/cost_rate"], 1.0, rtol=1e-6)
+
+
+def test_refill_period_follows_whether_the_task_can_terminate():
+    from cvpo_jax.core.acting import TERMINATING_REFILL_PERIOD, refill_period_for
+
+    assert refill_period_for(TerminatesOnRequest(), 5) == TERMINATING_REFILL_PERIOD
+    assert refill_period_for(envs.make("speed_limit"), 50) == 50  # time limit only: one refill per episode
+    assert refill_period_for(envs.make("speed_limit"), 50, requested=7) == 7
+
+    class Unsure(TerminatesOnRequest):  # a task that does not say is assumed to terminate
+        pass
+    del TerminatesOnRequest.terminates
+    try:
+        assert refill_period_for(Unsure(), 5) == TERMINATING_REFILL_PERIOD
+    finally:
+        TerminatesOnRequest.terminates = True

@@ -268,10 +268,11 @@ class RunConfig:
     `cvpo_jax.algorithms` set 2 per step of 15 envs, the original's 0.133 updates per env step)."""
     replay_capacity: int = 80_000
     """Transitions kept per member (original: 80k)."""
-    reset_refill_period: int = 16
+    reset_refill_period: Optional[int] = None
     """Iterations between refills of the pool of ready reset states, one per environment, that an environment
     whose episode ended (terminated or truncated) restarts from (core/acting.py): a refill is one vmapped reset.
-    An env whose episodes end twice between refills restarts from the same state again (train/reused_resets)."""
+    An env whose episodes end twice between refills restarts from the same state again (train/reused_resets).
+    None: 16 for a task that can terminate, the episode length for one that cannot (`env.terminates`)."""
     chunk_env_steps: int = 2000
     """Env steps per member inside one jitted call; Python only runs between chunks."""
     eval_every_env_steps: int = 20_000
@@ -405,7 +406,8 @@ def validate(cfg: RunConfig, env_names: Sequence[str]) -> None:
     _check(not cfg.warmup_updates or cfg.warmup_env_steps > 0, "warmup_updates", cfg.warmup_updates,
            "needs warmup_env_steps > 0: the updates learn from the warm-up's data")
     _check(cfg.updates_per_iteration >= 0, "updates_per_iteration", cfg.updates_per_iteration, "must be >= 0")
-    _check(cfg.reset_refill_period >= 1, "reset_refill_period", cfg.reset_refill_period, "must be >= 1")
+    _check(cfg.reset_refill_period is None or cfg.reset_refill_period >= 1, "reset_refill_period",
+           cfg.reset_refill_period, "must be >= 1 (or null: chosen from the task)")
     _check(cfg.chunk_env_steps >= cfg.num_envs, "chunk_env_steps", cfg.chunk_env_steps,
            f"must be >= num_envs ({cfg.num_envs}): a chunk steps every environment at least once")
     _check(cfg.replay_capacity >= cfg.num_envs, "replay_capacity", cfg.replay_capacity,

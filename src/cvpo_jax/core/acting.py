@@ -11,7 +11,8 @@ Each environment keeps its own episode clock, so environments (and sweep members
 Restarts are cheap: each environment has its own slot in a *pool* of ready reset states, and an environment
 whose episode ended restarts from its slot (a per-env select, no reset computed) while the others go on. The
 pool is recomputed as a whole every `refill_period` iterations (one vmapped reset, a real `lax.cond` on the
-unbatched iteration counter). An environment whose episodes end twice between two refills (episodes
+unbatched iteration counter): 16 for a task that can terminate, the episode length for one that cannot
+(`refill_period_for`). An environment whose episodes end twice between two refills (episodes
 shorter than the refill period) restarts from the same state again, counted in `reused_resets`. Computing a
 reset for every env at every step instead would cost a reset per step: on the CPU a vmapped reset of 10
 Point envs is about a third of their step.
@@ -67,8 +68,23 @@ class Acting(NamedTuple):
     step: Callable[..., EnvStep]  # (envs [E], action [E, A], iteration [], key) -> EnvStep
 
 
-def make_acting(env: Env, episode_length: int, num_envs: int, refill_period: int = 16) -> Acting:
+# Iterations between pool refills for a task that can terminate: about 10% of a Point env step's cost on the
+# CPU (experiments/README.md, "Episodes that end early"); shorter episodes reuse their env's slot.
+TERMINATING_REFILL_PERIOD = 16
+
+
+def refill_period_for(env: Env, episode_length: int, requested: int | None = None) -> int:
+    """The refill period: `requested`, else 16 for a task that can terminate (`env.terminates`, True when the
+    task does not say) and the episode length for one that cannot: its envs then all restart at the time
+    limit, once per refill."""
+    if requested is not None:
+        return int(requested)
+    return TERMINATING_REFILL_PERIOD if getattr(env, "terminates", True) else int(episode_length)
+
+
+def make_acting(env: Env, episode_length: int, num_envs: int, refill_period: int | None = None) -> Acting:
     """The `num_envs` environments of one member under an `episode_length` time limit (see `EnvStep`)."""
+    refill_period = refill_period_for(env, episode_length, refill_period)
     batched_reset = jax.vmap(env.reset)
     batched_step = jax.vmap(env.step)
 
