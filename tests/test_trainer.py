@@ -257,3 +257,12 @@ def test_critic_check_compares_the_critics_with_monte_carlo_returns(learning_run
     assert rows[1]["mc_cost"] > 8.0 and abs(rows[1]["q_c"] - rows[1]["mc_cost"]) < 3.0
     assert rows[0]["mc_cost"] < rows[1]["mc_cost"]
     assert diagnostics.main(["run=/nonexistent"]) == 2
+
+
+def test_a_checkpoint_of_another_state_layout_gets_a_one_line_error(tmp_path):
+    import jax.numpy as jnp
+
+    checkpoint.save(str(tmp_path), 3, {"a": jnp.zeros((2,)), "b": jnp.ones(())})
+    with pytest.raises(checkpoint.CheckpointMismatch, match="does not fit the training state") as info:
+        checkpoint.restore(str(tmp_path), 3, {"a": jnp.zeros((2, 8)), "b": jnp.ones(())})
+    assert "\n" not in str(info.value)

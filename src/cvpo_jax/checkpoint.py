@@ -45,14 +45,28 @@ def latest_iteration(run_dir: str) -> Optional[int]:
     return step
 
 
+class CheckpointMismatch(ValueError):
+    """The saved state does not fit the training state this version builds (another version wrote it)."""
+
+
 def restore(run_dir: str, iteration: int, like: Any) -> Any:
-    """Restore the checkpoint of `iteration` into the structure, shapes and shardings of `like`."""
+    """Restore the checkpoint of `iteration` into the structure, shapes and shardings of `like`.
+
+    Raises CheckpointMismatch (one line) when the saved arrays do not fit `like`: a checkpoint written by a
+    version of cvpo_jax whose training state differs (for example before per-env restarts, issue 14)."""
     abstract = {
         key: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
         for key, x in _non_empty_leaves(like).items()
     }
     manager = _manager(run_dir)
-    saved = manager.restore(iteration, args=ocp.args.StandardRestore(abstract))
-    manager.close()
+    try:
+        saved = manager.restore(iteration, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointMismatch(
+            f"run={run_dir}: the checkpoint at iteration {iteration} does not fit the training state of this "
+            f"version of cvpo_jax (written by another version? {reason[:160]})") from None
+    finally:
+        manager.close()
     leaves, treedef = jax.tree.flatten(like)
     return jax.tree.unflatten(treedef, [saved.get(str(i), leaf) for i, leaf in enumerate(leaves)])

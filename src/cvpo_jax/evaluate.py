@@ -111,7 +111,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trainer = make_trainer(cfg, env)
     members = SweepMembers.from_config(cfg)
     like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(trainer.init, members.keys()))
-    state = checkpoint.restore(run_dir, iteration, like)
+    try:
+        state = checkpoint.restore(run_dir, iteration, like)
+    except checkpoint.CheckpointMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     num_members = members.size
     if not 0 <= member < num_members:
         print(f"error: member={member}: the run has members 0..{num_members - 1}", file=sys.stderr)
@@ -120,11 +124,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     metrics = jax.device_get(trainer.evaluate(state.learner.params, members.eval_keys(iteration + 1)))
     env_steps = iteration * cfg.num_envs
     print(f"{cfg.algo} on {cfg.env}, checkpoint at {env_steps} env steps per member, {episodes} episodes each")
-    print(f"{'member':>6} {'seed':>5} {'cost_limit':>10} {'episode_reward':>15} {'episode_cost':>13} {'cost_rate':>10}")
+    print(f"{'member':>6} {'seed':>5} {'cost_limit':>10} {'episode_reward':>15} {'episode_cost':>13} {'cost_rate':>10} "
+          f"{'length':>7} {'terminated':>10}")
     for m in range(num_members):
         print(f"{m:>6} {members.seeds[m]:>5} {members.cost_limits[m]:>10g} "
               f"{metrics['eval/episode_reward'][m]:>15.3f} "
-              f"{metrics['eval/episode_cost'][m]:>13.3f} {metrics['eval/cost_rate'][m]:>10.4f}")
+              f"{metrics['eval/episode_cost'][m]:>13.3f} {metrics['eval/cost_rate'][m]:>10.4f} "
+              f"{metrics['eval/episode_length'][m]:>7.1f} {metrics['eval/terminated'][m]:>10.2f}")
 
     picture = options.get("picture", os.path.join(run_dir, "rollout.png"))
     draw_policy_rollout(trainer, state.learner.params, member, picture,

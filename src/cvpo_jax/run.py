@@ -100,7 +100,10 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
     iteration = 0
     latest = checkpoint.latest_iteration(run_dir)
     if latest is not None:
-        state = checkpoint.restore(run_dir, latest, state)
+        try:
+            state = checkpoint.restore(run_dir, latest, state)
+        except checkpoint.CheckpointMismatch as e:
+            raise ConfigError(str(e)) from None
         iteration = latest
     log = MetricsLog(run_dir, num_members, resume_from_env_steps=iteration * cfg.num_envs)
 

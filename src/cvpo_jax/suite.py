@@ -8,8 +8,9 @@ skips the finished runs (`done.txt`), continues an unfinished one from its last 
 Other `key=value` options go to every run (as `python -m cvpo_jax.run`), after the scale's settings.
 
 Then it writes, under `<out>/report/`:
-- `curves_<task>.png`: evaluation reward and cost (limit drawn) and training episode cost against env
-  steps, per algorithm, mean ± std over seeds (the paper's Figs. 2-3);
+- `curves_<task>.png`: evaluation reward and cost (limit drawn), training episode cost and the cumulative
+  training cost against env steps, per algorithm, mean ± std over seeds (the paper's Figs. 2-3; on the traps
+  tasks, CSC's Fig. 3: cost = failures);
 - `reward_vs_cumulative_cost.png`: evaluation reward against cumulative training cost, log x (Fig. 4);
 - `convergence_cost_boxplot.png`: the evaluation cost of the last 20% of training, all seeds, per algorithm
   and task, the limit drawn (Fig. 5);
@@ -284,11 +285,16 @@ def write_report(out: str, tasks: Sequence[str], algos: Sequence[str]) -> list[s
     colours = {algo: f"C{i}" for i, algo in enumerate(algos)}
 
     for task in tasks:  # Figs. 2-3
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
         for algo in algos:
             if (task, algo) not in runs:
                 continue
             data = runs[(task, algo)]
+            # The cost paid in training so far (CSC's Figs. 3 and 6: cumulative failures on the traps tasks).
+            steps, paid = cumulative_costs(data)
+            mean, std = np.mean(paid, 0), np.std(paid, 0)
+            axes[3].plot(steps, mean, color=colours[algo], lw=2)
+            axes[3].fill_between(steps, mean - std, mean + std, color=colours[algo], alpha=0.15)
             for ax, key in zip(axes, ("eval/episode_reward", "eval/episode_cost", "train/episode_cost")):
                 steps, values = member_series(data, key)
                 if key.startswith("train/"):  # the first row is before any training
@@ -297,9 +303,10 @@ def write_report(out: str, tasks: Sequence[str], algos: Sequence[str]) -> list[s
                 ax.plot(steps, mean, color=colours[algo], lw=2, label=f"{algo} ({values.shape[0]} seeds)")
                 ax.fill_between(steps, mean - std, mean + std, color=colours[algo], alpha=0.15)
             limit = float(data["cost_limit"][0])
-        for ax in axes[1:]:
+        for ax in axes[1:3]:
             ax.axhline(limit, color="k", ls="--", lw=1, label=f"cost limit {limit:g}")
-        for ax, name in zip(axes, ("evaluation episode reward", "evaluation episode cost", "training episode cost")):
+        for ax, name in zip(axes, ("evaluation episode reward", "evaluation episode cost", "training episode cost",
+                                   "cumulative training cost")):
             label_env_steps_axis(ax, "env steps (per seed)")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
