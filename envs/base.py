@@ -125,6 +125,7 @@ class SafetyEnv(Env):
     reward_terms: tuple[str, ...] = ()
     terminates = False  # whether `_terminated` can ever be 1 (the trainers refill their reset pool less often if not)
     cost_terms: tuple[str, ...] = ()
+    cost_is_failure = False  # the episode's cost is one 0/1 failure event (CSC reads χ as a probability if so)
 
     def __init__(self, config: Config, name: str = ""):
         self.config = config

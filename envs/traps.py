@@ -47,6 +47,7 @@ class TrapsEnv(GoalEnv):
     reward_terms = ("distance", "goal")
     cost_terms = ("failure",)
     terminates = True
+    cost_is_failure = True  # CSC's setting: its csc.cost_units resolves to episodic (Q_C, χ are probabilities)
 
     def __init__(self, config: Config, name: str = ""):
         super().__init__(config, name)

@@ -16,6 +16,7 @@ from scipy import stats
 
 from cvpo_jax import policy as gaussian
 from cvpo_jax import run
+from cvpo_jax.config import ConfigError
 from cvpo_jax.baselines import csc
 from cvpo_jax.baselines.natural_gradient import PolicyStepSettings
 from cvpo_jax.core import replay
@@ -201,6 +202,22 @@ def test_rejection_threshold_and_lambda_update_by_hand():
     # Projected to λ ≥ 0: 0.01 + 0.04·(0 − 2) < 0.
     assert float(csc.lambda_update(jnp.float32(0.01), jnp.float32(0.0), jnp.float32(2.0), jnp.float32(0.0),
                                    0.99, 0.04)) == 0.0
+
+
+
+def test_cost_units_follow_the_task_and_scale_chi_into_q_c_units():
+    # The traps' cost is one failure event (a probability: χ as it is); speed_limit's is per step.
+    assert run.resolve(["env=point_traps", "algo=csc"]).csc.cost_units == "episodic"
+    assert run.resolve(["env=speed_limit", "algo=csc"]).csc.cost_units == "per_state"
+    assert run.resolve(["env=point_traps", "algo=csc", "csc.cost_units=per_state"]).csc.cost_units == "per_state"
+    with pytest.raises(ConfigError, match="csc.cost_units"):
+        run.resolve(["env=point_traps", "algo=csc", "csc.cost_units=steps"])
+    assert csc.episodic_cost_scale("episodic", 500, 0.99) == 1.0
+    # per_state: the discounted cost-to-go from the start of a unit cost spread evenly over 500 steps.
+    spread = sum(0.99 ** t / 500 for t in range(500))
+    assert csc.episodic_cost_scale("per_state", 500, 0.99) == pytest.approx(spread, rel=1e-6)
+    with pytest.raises(ValueError, match="cost_units"):
+        csc.episodic_cost_scale(None, 500, 0.99)
 
 
 # ------------------------------------------------------------------------------ the learner's pure pieces

@@ -226,6 +226,11 @@ class CSCConfig:
     """Draws from π per state estimating E_{a~π}Q_C (CQL(ζ) term, baseline of Â_C, policy cost term)."""
     polyak: float = 0.995
     """Target safety-critic averaging weight."""
+    cost_units: Optional[str] = None
+    """Units in which χ and V̂_C meet Q_C: episodic (as they are, the paper's: the cost is a single failure
+    event, so Q_C, χ and V̂_C are probabilities of failure) or per_state (an episodic cost spread over the
+    episode's steps, for a per-step cost). None: the task's, episodic when `env.cost_is_failure` (the traps
+    tasks), else per_state."""
 
 
 @dataclass
@@ -479,6 +484,8 @@ def _validate_baselines(cfg: RunConfig) -> None:
     _check(0.0 <= csc.polyak < 1.0, "csc.polyak", csc.polyak, "must be in [0, 1)")
     _check(csc.when_all_rejected in ("last_draw", "safest"), "csc.when_all_rejected", csc.when_all_rejected,
            "allowed: last_draw, safest")
+    _check(csc.cost_units in (None, "episodic", "per_state"), "csc.cost_units", csc.cost_units,
+           "allowed: episodic, per_state (or unset: the task's)")
 
 
 def warmup_updates(cfg: RunConfig) -> int:
@@ -487,7 +494,8 @@ def warmup_updates(cfg: RunConfig) -> int:
 
 
 def fill_task_presets(cfg: "RunConfig", env) -> "RunConfig":
-    """Episode length and cost limit left unset take the task's own (`env.episode_length`, `env.cost_limit`).
+    """Settings left unset take the task's own: episode length and cost limit (`env.episode_length`,
+    `env.cost_limit`), and CSC's cost units (episodic when `env.cost_is_failure`, else per_state).
 
     Every entry point that builds a trainer calls this (run, bench train), so an algorithm may rely on both.
     """
@@ -495,6 +503,8 @@ def fill_task_presets(cfg: "RunConfig", env) -> "RunConfig":
         cfg.episode_length = int(env.episode_length)
     if cfg.cost_limit is None:
         cfg.cost_limit = float(env.cost_limit)
+    if cfg.csc.cost_units is None:
+        cfg.csc.cost_units = "episodic" if getattr(env, "cost_is_failure", False) else "per_state"
     return cfg
 
 

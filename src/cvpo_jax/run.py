@@ -57,7 +57,7 @@ def resolve(argv: Sequence[str]) -> RunConfig:
             raise ConfigError(f"resume={resume}: no config.yaml there; give a run directory made by cvpo_jax.run")
         base = from_yaml_file(saved)
     cfg = load_config(argv, names, base=base)
-    if cfg.episode_length is None or cfg.cost_limit is None:
+    if cfg.episode_length is None or cfg.cost_limit is None or cfg.csc.cost_units is None:
         from cvpo_jax import envs
 
         fill_task_presets(cfg, envs.make(cfg.env))

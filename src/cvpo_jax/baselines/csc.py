@@ -9,16 +9,20 @@ One epoch of Algorithm 1 is one rollout of the rollout trainer (`rollout_trainer
   fit the reward value V_r on GAE λ-returns, take one natural-gradient policy step with backtracking
   (eqs. 7-8, line 12), then one step of the multiplier λ (eq. 9, line 14).
 
-Design decisions (the paper's setting is a binary failure indicator that ends the episode; ours is a
-per-step cost indicator with an episodic limit):
+Design decisions (the paper's setting is a binary failure indicator that ends the episode; most tasks here
+have a per-step cost indicator with an episodic limit):
 
-Units of χ and V̂_C. Q_C is a discounted cost-to-go (target y = c + γ Q'_C(s', a' ~ π(s'))). Both χ and V̂_C are
-put in the same per-state units with the conversion of `core.members.cost_threshold_from_episode_limit`: an episodic
-cost C spread evenly over the T steps of an episode is worth C·(1 − γ^T)/(T(1 − γ)) per state. So
-χ = that of the episodic limit (`settings.cost_limit`, with the on-policy γ and T = `cfg.episode_length`), and
-V̂_C = that of the mean episodic cost of the training episodes that ended in the last rollout (the paper's
-"average episodic failures in the previous epoch"; kept when none ended; V̂_C = χ before the first episodes,
-Algorithm 1 line 2). Then ε = (1 − γ)(χ − V̂_C) exactly as Algorithm 1 line 5, in Q_C units.
+Units of χ and V̂_C (`csc.cost_units`). Q_C is a discounted cost-to-go (target y = c + γ Q'_C(s', a' ~ π(s'))).
+In the paper's setting the cost is a binary failure indicator that ends the episode, so the episodic cost is a
+probability of failure, Q_C is one too (the paper caps it at 1), and χ and V̂_C ("average episodic failures in
+the previous epoch") meet Q_C as they are: `episodic`, the default of a task with `env.cost_is_failure` (the
+traps tasks). With a per-step cost and an episodic limit (the Safety-Gym tasks) Q_C counts discounted cost
+per state instead, and an episodic χ would be ~T(1 − γ)/(1 − γ^T) times too loose: `per_state` (the default
+elsewhere) converts both with `core.members.cost_threshold_from_episode_limit`, an episodic cost C spread
+evenly over the T steps of an episode being worth C·(1 − γ^T)/(T(1 − γ)) per state. Either way χ = the
+episodic limit (`settings.cost_limit`, with the on-policy γ and T = `cfg.episode_length`) in those units, V̂_C
+= the mean episodic cost of the training episodes that ended in the last rollout (kept when none ended; V̂_C
+= χ before the first episodes, Algorithm 1 line 2), and ε = (1 − γ)(χ − V̂_C) exactly as Algorithm 1 line 5.
 
 All draws rejected. The draws are i.i.d., so the `max_resamples` draws are taken at once and the executed one
 is the first with Q_C ≤ ε, which is what the sequential loop of line 6 would execute. When none passes, the
@@ -28,9 +32,9 @@ which looks safer but feeds the critic's own choice back into it: the executed a
 the critic deems safest, π/μ grows, and the CQL lift with it (see "Conservatism compounds" below). On
 point_traps it made Q_C climb to ~70 (a probability of failure is at most 1), every draw was rejected from
 100k env steps on and the policy stopped learning (experiments/README.md, "CSC on point_traps"). ε is small
-by construction ((1 − γ) times a per-state value) and negative once the observed cost exceeds the limit, so
-the fallback is common early on and whenever the training cost is over the limit; `csc/all_rejected` reports
-how often.
+by construction ((1 − γ) times a probability or a per-state value) and negative once the observed cost
+exceeds the limit, so the fallback is common early on and whenever the training cost is over the limit;
+`csc/all_rejected` reports how often.
 
 Cost advantage and the policy step (eqs. 5, 7-8). Â_C(s, a) = Q_C(s, a) − E_{a'~π_old}Q_C(s, a'), the
 advantage under the over-estimating critic, the expectation over `csc.num_particles` draws. The objective of
@@ -47,7 +51,7 @@ on the cost of the *policy*. The observed episodes measure the filtered behaviou
 rejection rule keeps cheap whatever π does (with ε this small the executed action is mostly the lowest-Q_C
 draw), so a λ driven by them stays at zero while π itself drifts over the limit. So the λ step takes
 V̂_C^{π_old} = mean over the rollout states of E_{a~π_old}Q_C(s, a): the conservative critic's (over-)estimate
-of the policy's own per-state cost, comparable with χ. The advantage term is evaluated at the policy after
+of the policy's own cost in Q_C's units, comparable with χ. The advantage term is evaluated at the policy after
 this epoch's step (Algorithm 1 runs line 14 after line 12; at a ~ π_old it would be zero by construction):
 E_{a~π_new}[Â_C] = mean over the K draws of ratio·Â_C. The update is projected gradient descent on eq. 5's
 Lagrangian in λ:
@@ -136,8 +140,19 @@ def safety_critic_loss(params, apply_q: Callable, obs: jax.Array, data_action: j
                   "q_policy": jnp.mean(q_policy)}
 
 
+def episodic_cost_scale(cost_units: Any, episode_length: int, gamma: float) -> float:
+    """The factor taking an episodic cost (χ, V̂_C) to Q_C's units: 1 for `episodic`, the per-state value of a
+    unit episodic cost spread over the episode for `per_state` (module doc, "Units of χ and V̂_C")."""
+    if cost_units == "episodic":
+        return 1.0
+    if cost_units == "per_state":
+        return float(cost_threshold_from_episode_limit(1.0, episode_length, gamma))
+    raise ValueError(f"csc.cost_units={cost_units!r}: expected episodic or per_state, resolved from the task by "
+                     "config.fill_task_presets")
+
+
 def rejection_threshold(chi: jax.Array, cost_value: jax.Array, gamma: float) -> jax.Array:
-    """ε = (1 − γ)(χ − V̂_C), Algorithm 1 line 5 (χ and V̂_C in per-state Q_C units, see the module doc)."""
+    """ε = (1 − γ)(χ − V̂_C), Algorithm 1 line 5 (χ and V̂_C in Q_C's units, see the module doc)."""
     return (1.0 - gamma) * (chi - cost_value)
 
 
@@ -184,7 +199,7 @@ def lambda_update(lam: jax.Array, cost_advantage: jax.Array, chi: jax.Array, cos
 
     Args:
       lam: λ ≥ 0. cost_advantage: E_{s~ρ_old, a~π}[Â_C(s, a)] (see the module doc for which π). chi: χ.
-      cost_value: V̂_C (same per-state units as χ). gamma: γ. lr: η_λ.
+      cost_value: V̂_C (in χ's units). gamma: γ. lr: η_λ.
 
     Returns:
       [] the new λ ≥ 0.
@@ -405,8 +420,8 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
     policy_settings = PolicyStepSettings.from_config(o)
     value_settings = ValueFitSettings.from_config(o)
     critic_settings = CriticSettings.from_config(cfg)
-    # χ and V̂_C are (episodic cost) × this per-state factor, see the module doc.
-    per_state = cost_threshold_from_episode_limit(1.0, int(cfg.episode_length), gamma)
+    # χ and V̂_C are (episodic cost) × this factor, in Q_C's units (module doc, "Units of χ and V̂_C").
+    cost_scale = episodic_cost_scale(c.cost_units, int(cfg.episode_length), gamma)
     hidden = tuple(int(h) for h in cfg.network.hidden)
     policy_net = GaussianPolicyNet(hidden=hidden, action_size=action_size, covariance=cfg.network.covariance)
     value_net = MLP(hidden, 1)
@@ -423,12 +438,12 @@ def make_csc_learner(cfg: RunConfig, observation_size: int, action_size: int) ->
         return value_net.apply(params, obs)[..., 0]
 
     def chi_of(settings: MemberSettings) -> jax.Array:
-        return settings.cost_limit * per_state
+        return settings.cost_limit * cost_scale
 
     def cost_value_of(state: CSCState, settings: MemberSettings) -> jax.Array:
-        """V̂_C per state; χ itself before any episode ended (Algorithm 1 line 2)."""
+        """V̂_C in Q_C's units; χ itself before any episode ended (Algorithm 1 line 2)."""
         episodic = jnp.where(jnp.isnan(state.episode_cost), settings.cost_limit, state.episode_cost)
-        return episodic * per_state
+        return episodic * cost_scale
 
     def init(key: jax.Array) -> CSCState:
         policy_key, value_key, critic_key = jax.random.split(key, 3)
