@@ -95,14 +95,41 @@ ENTRY %main (i: s32[], v: f32[4]) -> f32[4] {
   %i = s32[] parameter(0)
   %v = f32[4]{0} parameter(1)
   %c = f32[4]{0} copy(%v)
-  ROOT %r = f32[4]{0} conditional(%i, %c, %c), branch_computations={%cheap, %costly}
+  ROOT %r = f32[4]{0} conditional(%i, %c, %c), branch_computations={%cheap, %costly}, metadata={op_name="jit(f)/refill/cond"}
 }
 """
-    counts = hlo_model.count_launches(hlo_model.HloModule.parse(text))
+    module = hlo_model.HloModule.parse(text)
+    counts = hlo_model.count_launches(module)
     assert counts.launches == 1 + 2 and counts.round_trips == 1 and counts.conditionals == 1
     assert counts.flops == 2 * 4  # two exponentials of 4 elements in the costly branch
     pricing = hlo_model.Pricing(launch_us=4.0, round_trip_us=10.0)
     assert pricing.launch_bound_s(counts) == pytest.approx(1e-6 * (4 * 3 + 10 * 1))
+    # Taken one time in 16 (a refill period): 1/16 of the costly branch's 2 launches, 15/16 of the cheap one.
+    weighted = hlo_model.count_launches(module, costly_branch_odds={"refill": 1 / 16})
+    assert weighted.launches == pytest.approx(1 + 2 / 16 + 15 / 16)
+    assert weighted.flops == pytest.approx(2 * 4 / 16 + 4 * 15 / 16) and weighted.round_trips == 1
+    # A key that matches no conditional's source changes nothing.
+    assert hlo_model.count_launches(module, costly_branch_odds={"warmup": 0.0}).launches == 3
+
+
+def test_the_reset_pool_refill_is_priced_once_per_refill_period():
+    # The acting step's one conditional is the pool refill; bench gpu must recognise it by its source.
+    from cvpo_jax import envs
+    from cvpo_jax.core.acting import make_acting
+
+    env = envs.make("speed_limit")
+    acting = make_acting(env, 8, 3, refill_period=4)
+    state = acting.reset(jax.random.PRNGKey(0))
+    text = jax.jit(acting.step).lower(state, jnp.zeros((3, env.action_size)), jnp.int32(0),
+                                      jax.random.PRNGKey(1)).compile().as_text()
+    module = hlo_model.HloModule.parse(text)
+    conds = [i for insts in module.computations.values() for i in insts if i.op == "conditional"]
+    assert len(conds) == 1
+    branches = sorted(hlo_model.count_launches(module, costly_branch_odds={"": p}).launches for p in (0.0, 1.0))
+    assert branches[1] > branches[0]  # the refill branch launches a reset, the other nothing much
+    weighted = hlo_model.count_launches(module, costly_branch_odds=gpu._refill_odds(acting.refill_period))
+    assert weighted.launches == pytest.approx(0.75 * branches[0] + 0.25 * branches[1])
+    assert hlo_model.count_launches(module).launches == branches[1]  # unweighted: the costliest, every step
 
 
 def test_bench_gpu_rejects_bad_options(capsys):

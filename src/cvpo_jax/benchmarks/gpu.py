@@ -206,6 +206,12 @@ def _loop_program(run_args: list[str], members: int, loop_envs: int, loop_update
     return trainer.run_chunk, (state, sweep.settings(), first), cfg, chunk_iterations
 
 
+def _refill_odds(refill_period: int) -> dict[str, float]:
+    """The acting step's conditional (the reset pool's refill) runs its costly branch once per refill period;
+    priced as taken every step, it would charge a full vmapped reset to each env step."""
+    return {"acting.py:make_acting.<locals>.step": 1.0 / refill_period}
+
+
 def _fmt_row(values: list, widths: list[int]) -> str:
     return " ".join(f"{v:>{w}}" for v, w in zip(values, widths))
 
@@ -213,6 +219,7 @@ def _fmt_row(values: list, widths: list[int]) -> str:
 def plan(options: dict, run_args: list[str], out=print) -> dict:
     from cvpo_jax import envs
     from cvpo_jax.config import load_config, warmup_updates
+    from cvpo_jax.core.acting import refill_period_for
 
     pricing = hlo_model.Pricing(launch_us=float(options["launch_us"]), round_trip_us=float(options["round_trip_us"]))
     unknown = float(options["unknown_trips"])
@@ -267,9 +274,10 @@ def plan(options: dict, run_args: list[str], out=print) -> dict:
             trips = measure_env_trips(task, min(e, 256))
             env_trips[task] = trips
             solver = sum(v for k, v in trips.items() if "solver" in k)
-            fn, args, _, _ = _env_program(task, e)
+            fn, args, _, acting = _env_program(task, e)
             text, seconds = compile_for(device, fn, *args)
-            counts = hlo_model.count_launches(hlo_model.HloModule.parse(text), trips, unknown_trips=unknown)
+            counts = hlo_model.count_launches(hlo_model.HloModule.parse(text), trips, unknown_trips=unknown,
+                                              costly_branch_odds=_refill_odds(acting.refill_period))
             s = hlo_model.summary(counts, pricing)
             env_estimates[task] = s["estimate_ms"]
             out(_fmt_row([task, f"{solver:.2f}", s["launches"], s["round_trips"], f"{s['flops'] / 1e9:.2f}",
@@ -292,7 +300,9 @@ def plan(options: dict, run_args: list[str], out=print) -> dict:
             trips = {**(update_trips.get(n) or measure_update_trips(run_args, n)),
                      **(env_trips.get(cfg.env) or measure_env_trips(cfg.env, min(e * n, 256)))}
             text, seconds = compile_for(device, fn, *args)
-            counts = hlo_model.count_launches(hlo_model.HloModule.parse(text), trips, unknown_trips=unknown)
+            refill_period = refill_period_for(envs.make(cfg.env), int(cfg.episode_length), cfg.reset_refill_period)
+            counts = hlo_model.count_launches(hlo_model.HloModule.parse(text), trips, unknown_trips=unknown,
+                                              costly_branch_odds=_refill_odds(refill_period))
             per_iteration = hlo_model.LaunchCount()
             per_iteration.add(counts, 1.0 / chunk_iterations)
             s = hlo_model.summary(per_iteration, pricing)

@@ -253,9 +253,16 @@ def _gemm_flops(module: HloModule, inst: Instruction, comp: str) -> float:
 
 
 def count_launches(module: HloModule, trip_counts: Mapping[str, float] | None = None,
-                   unknown_trips: float = 3.0) -> LaunchCount:
-    """Walk the entry computation. trip_counts: {substring of a loop's source: iterations}."""
+                   unknown_trips: float = 3.0,
+                   costly_branch_odds: Mapping[str, float] | None = None) -> LaunchCount:
+    """Walk the entry computation. trip_counts: {substring of a loop's source: iterations}.
+
+    A `conditional` is priced at its costliest branch (an upper bound), unless its source matches a key of
+    costly_branch_odds: {substring of the source: probability p that the costliest branch runs}, when it is
+    priced at p·costliest + (1 − p)·cheapest (e.g. the reset pool's refill, taken once per refill period).
+    Its round trip is paid either way."""
     trip_counts = dict(trip_counts or {})
+    costly_branch_odds = dict(costly_branch_odds or {})
     memo: dict[str, LaunchCount] = {}
 
     def walk(comp: str) -> LaunchCount:
@@ -283,7 +290,13 @@ def count_launches(module: HloModule, trip_counts: Mapping[str, float] | None = 
                 branches = [walk(b) for b in inst.branches()]
                 if branches:
                     costliest = max(branches, key=lambda c: c.launches)
-                    total.add(costliest, 1.0)
+                    source = module.source(inst)
+                    odds = [v for k, v in costly_branch_odds.items() if k in source]
+                    if odds:
+                        total.add(costliest, float(odds[0]))
+                        total.add(min(branches, key=lambda c: c.launches), 1.0 - float(odds[0]))
+                    else:
+                        total.add(costliest, 1.0)
                 total.round_trips += 1
                 total.conditionals += 1
             elif inst.op == "call":

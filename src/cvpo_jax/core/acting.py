@@ -66,6 +66,7 @@ class EnvStep(NamedTuple):
 class Acting(NamedTuple):
     reset: Callable[[jax.Array], EnvsState]  # key -> every env at a fresh start, a full pool
     step: Callable[..., EnvStep]  # (envs [E], action [E, A], iteration [], key) -> EnvStep
+    refill_period: int  # iterations between refills of the reset pool (the step's one `lax.cond`)
 
 
 # Iterations between pool refills for a task that can terminate: about 10% of a Point env step's cost on the
@@ -135,7 +136,7 @@ def make_acting(env: Env, episode_length: int, num_envs: int, refill_period: int
                             lambda e: e, envs)
         return EnvStep(envs, transition, finished, ended)
 
-    return Acting(reset=reset, step=step)
+    return Acting(reset=reset, step=step, refill_period=refill_period)
 
 
 def make_evaluate(env: Env, episode_length: int, num_episodes: int, act: Callable) -> Callable:
