@@ -285,11 +285,36 @@ def test_edge_cases(name):
     assert float(sol.kl) <= EPS + 1e-4
     if expect_infeasible is not None:
         assert bool(sol.infeasible) == expect_infeasible
-    if name.startswith("all_zero_cost") or name == "constant_cost_feasible":
+    if name.startswith("all_zero_cost") or name.startswith("constant_cost"):
         assert float(sol.lam) == 0.0
         assert float(sol.kl) == pytest.approx(EPS, abs=1e-5)
     if name.startswith("single_particle") or name == "everything_constant":
         np.testing.assert_array_equal(w, np.full_like(w, 1.0 / w.shape[1]))
+
+
+@pytest.mark.parametrize("solver,loop", [("lbfgsb", "auto"), ("lbfgsb", "lockstep"), ("newton", "auto")])
+def test_collapsed_cost_critic_pins_lambda_at_zero_vmapped_and_warm_started(solver, loop):
+    """Q_c the same for every action of every state (a cost critic collapsed to a constant, seen in a CVPO run
+    on point_traps): λ cannot move any weight, so λ* = 0 and η is the KL-active temperature of Q_r alone.
+    Vmapped over members and warm-started at a large λ, L-BFGS-B used to return NaN here."""
+    rng = np.random.default_rng(5)
+    q_r = -0.8 + 0.01 * rng.normal(size=(3, B, K))
+    q_c = np.full((3, B, K), 0.0193)
+    eps1 = np.asarray([0.0099, 0.05, 0.0099])  # over, under, over the constant cost
+    init = (jnp.asarray([0.023, 0.023, 0.5]), jnp.asarray([11.9, 0.0, 1e4]))
+    sol = jax.jit(jax.vmap(lambda r, c, e1, eta, lam: solve_dual(
+        r, c, cost_threshold=e1, kl_bound=EPS, init=(eta, lam), solver=solver, loop=loop)))(
+        jnp.asarray(q_r, jnp.float32), jnp.asarray(q_c, jnp.float32), jnp.asarray(eps1, jnp.float32), *init)
+    assert_finite(sol)
+    np.testing.assert_array_equal(np.asarray(sol.lam), 0.0)
+    assert list(np.asarray(sol.infeasible)) == [True, False, True]
+    for m in range(3):
+        # Independent: the temperature at which mean_b KL(softmax(Q_r/η) ‖ uniform) = ε, by brentq.
+        log_eta = brentq(lambda t: np_kl_and_cost(softmax(q_r[m] / math.exp(t), axis=1), q_c[m])[0] - EPS,
+                         -12.0, 6.0, xtol=1e-12)
+        assert float(sol.eta[m]) == pytest.approx(math.exp(log_eta), rel=2e-3)
+        np.testing.assert_allclose(np.asarray(sol.weights[m]), softmax(q_r[m] / math.exp(log_eta), axis=1),
+                                   atol=2e-4)
 
 
 def test_scale_invariance():

@@ -144,6 +144,20 @@ def test_non_finite_update_stops_the_run_and_keeps_the_checkpoint(learning_run, 
     assert "member 0 (seed 0, cost limit 5)" in err[0]  # the message names the members that went bad
     assert checkpoint.latest_iteration(str(run_dir)) == before
 
+    # experiments/find_nonfinite.py replays from that checkpoint and names the first bad iteration: the
+    # first one, whose update already learns from the poisoned rewards.
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "find_nonfinite.py")
+    spec = importlib.util.spec_from_file_location("find_nonfinite", path)
+    find_nonfinite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(find_nonfinite)
+    files_before = sorted(os.listdir(run_dir))
+    assert find_nonfinite.main([f"run={run_dir}", "max_iterations=3"]) == 1
+    out = capsys.readouterr().out
+    assert f"first non-finite iteration: {before} " in out and "<-- non-finite" in out
+    assert sorted(os.listdir(run_dir)) == files_before and checkpoint.latest_iteration(str(run_dir)) == before
+
 
 def test_evaluate_cli_reports_and_draws(learning_run, tmp_path, capsys):
     from cvpo_jax import evaluate

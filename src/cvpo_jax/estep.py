@@ -260,8 +260,13 @@ def _solve_scaled(sc: _Scaled, eps: Array, init: Array | None, how: "SolverSetti
     r_range = jnp.max(-jnp.min(sc.r, axis=-1))
     c_range = jnp.max(jnp.max(sc.c, axis=-1))
     eta_hi = jnp.maximum((r_range + _LAM_MAX * c_range) / jnp.sqrt(8.0 * eps) * 1.01, 10 * _ETA_LO)
+    # A cost with no spread within any state (a collapsed cost critic: Q_c the same for every action) cannot
+    # be traded against reward: λ moves no weight, the dual is linear in it with slope ε1 − min cost ≥ 0
+    # (after the relaxation below), so λ* = 0. Pinning it there leaves the well-posed problem in η alone; left
+    # free, L-BFGS-B walks a flat valley from a warm-started λ and, vmapped, returned NaN (point_traps, CVPO).
+    lam_hi = jnp.where(c_range > 0, jnp.asarray(_LAM_MAX, dtype), jnp.zeros((), dtype))
     lower = jnp.asarray([_ETA_LO, 0.0], dtype)
-    upper = jnp.stack([eta_hi, jnp.asarray(_LAM_MAX, dtype)]).astype(dtype)
+    upper = jnp.stack([eta_hi, lam_hi]).astype(dtype)
 
     # Default start: λ = 0 and the Gaussian approximation of the KL-active temperature at λ = 0,
     # KL ≈ mean Var(r)/(2η²) with mean Var(r) = 1 in scaled units.

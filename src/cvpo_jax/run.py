@@ -139,7 +139,8 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
                 raise RunError(
                     f"non-finite loss or parameter in the chunk ending at env step "
                     f"{(iteration + schedule.iterations_per_chunk) * steps_per_iteration} ({bad}); "
-                    f"stopped without saving it; the last good checkpoint in {run_dir}/checkpoints stays")
+                    f"stopped without saving it; the last good checkpoint in {run_dir}/checkpoints stays "
+                    f"(experiments/find_nonfinite.py run={run_dir} finds the update)")
             iteration += schedule.iterations_per_chunk
             for k, v in metrics.items():
                 period.setdefault(k, []).append(v)

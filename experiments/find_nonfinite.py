@@ -1,0 +1,92 @@
+"""Replay a run that stopped on a non-finite update, one iteration at a time, and say where it went wrong.
+
+    python experiments/find_nonfinite.py run=runs/<dir> [max_iterations=20000] [out=probe.npz]
+
+`python -m cvpo_jax.run` stops at the first chunk with a non-finite loss or parameter and keeps its last good
+checkpoint. This loads that checkpoint (nothing in the run directory is written), runs the same training
+loop in chunks of one iteration (the state carries its own keys, so the trajectory is the run's), and at the
+first non-finite iteration prints, for each bad member, the update metrics of the last finite iteration and
+of the bad one, and which parameter leaves went non-finite. `out=` saves both iterations' metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+
+def main(argv: list[str]) -> int:
+    options = {"run": "", "max_iterations": "20000", "out": ""}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in options:
+            print(f"error: bad argument {arg!r}; allowed: {', '.join(k + '=' for k in options)}", file=sys.stderr)
+            return 2
+        options[key] = value
+    run_dir = options["run"]
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        print(f"error: run={run_dir}: give a run directory made by cvpo_jax.run", file=sys.stderr)
+        return 2
+
+    import jax
+
+    from cvpo_jax import checkpoint, envs, run
+    from cvpo_jax.algorithms import make_trainer
+    from cvpo_jax.core.members import SweepMembers
+
+    cfg = run.resolve([f"resume={run_dir}"])
+    cfg.chunk_env_steps = cfg.num_envs  # one iteration per chunk
+    trainer = make_trainer(cfg, envs.make(cfg.env))
+    members = SweepMembers.from_config(cfg)
+    state = trainer.init(members.keys())
+    settings = members.settings()
+    iteration = checkpoint.latest_iteration(run_dir)
+    if iteration is None:
+        print(f"error: {run_dir} has no checkpoint to start from", file=sys.stderr)
+        return 2
+    state = checkpoint.restore(run_dir, iteration, state)
+    assert trainer.schedule.iterations_per_chunk == 1, trainer.schedule.iterations_per_chunk
+    print(f"from iteration {iteration} (env step {iteration * cfg.num_envs}), members: {members.labels()}",
+          flush=True)
+
+    previous = None
+    for _ in range(int(options["max_iterations"])):
+        new_state, metrics = trainer.run_chunk(state, settings, np.int32(iteration))
+        metrics = run.to_host(metrics)
+        bad = np.ravel(metrics.pop("nonfinite"))
+        if bad.any():
+            break
+        state, previous, iteration = new_state, metrics, iteration + 1
+        if iteration % 500 == 0:
+            print(f"  iteration {iteration} finite", flush=True)
+    else:
+        print("no non-finite iteration found")
+        return 0
+
+    print(f"first non-finite iteration: {iteration} (env steps {iteration * cfg.num_envs}-"
+          f"{(iteration + 1) * cfg.num_envs})")
+    params = jax.device_get(new_state.learner.params)
+    for member in np.flatnonzero(bad):
+        print(f"\nmember {members.labels()[member]}")
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        broken = [jax.tree_util.keystr(path) for path, leaf in leaves
+                  if not np.all(np.isfinite(np.asarray(leaf)[member]))]
+        print(f"  non-finite parameter leaves: {len(broken)} of {len(leaves)}: {broken[:6]}")
+        print(f"  {'metric':34s} {'last finite':>12s} {'bad':>12s}")
+        for key in sorted(metrics):
+            if key.startswith("train/"):
+                continue
+            before = np.ravel(previous[key])[member] if previous is not None else np.nan
+            after = np.ravel(metrics[key])[member]
+            flag = "" if np.isfinite(after) else "   <-- non-finite"
+            print(f"  {key:34s} {before:12.5g} {after:12.5g}{flag}")
+    if options["out"]:
+        np.savez(options["out"], iteration=iteration, **{f"bad/{k}": v for k, v in metrics.items()},
+                 **({f"last/{k}": v for k, v in previous.items()} if previous is not None else {}))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
