@@ -3,8 +3,9 @@
     python experiments/find_nonfinite.py run=runs/<dir> [max_iterations=20000] [out=probe.npz]
 
 `python -m cvpo_jax.run` stops at the first chunk with a non-finite loss or parameter and keeps its last good
-checkpoint. This loads that checkpoint (nothing in the run directory is written), runs the same training
-loop in chunks of one iteration (the state carries its own keys, so the trajectory is the run's), and at the
+checkpoint. This loads that checkpoint (or starts where the run started, if it stopped before its first;
+nothing in the run directory is written), runs the same training loop in chunks of one iteration (one
+rollout for the on-policy methods; the state carries its own keys, so the trajectory is the run's), and at the
 first non-finite iteration prints, for each bad member, the update metrics of the last finite iteration and
 of the bad one, and which parameter leaves went non-finite. `out=` saves both iterations' metrics.
 """
@@ -44,12 +45,13 @@ def main(argv: list[str]) -> int:
     settings = members.settings()
     iteration = checkpoint.latest_iteration(run_dir)
     if iteration is None:
-        print(f"error: {run_dir} has no checkpoint to start from", file=sys.stderr)
-        return 2
-    state = checkpoint.restore(run_dir, iteration, state)
-    assert trainer.schedule.iterations_per_chunk == 1, trainer.schedule.iterations_per_chunk
-    print(f"from iteration {iteration} (env step {iteration * cfg.num_envs}), members: {members.labels()}",
-          flush=True)
+        iteration = 0  # stopped before its first checkpoint: the run's own start (its keys are the seeds')
+    else:
+        state = checkpoint.restore(run_dir, iteration, state)
+    per_chunk = trainer.schedule.iterations_per_chunk  # 1, or one rollout for the on-policy methods
+    print(f"from iteration {iteration} (env step {iteration * cfg.num_envs}; "
+          f"{'a checkpoint' if iteration else 'the start'}), {per_chunk} iteration(s) per step, "
+          f"members: {members.labels()}", flush=True)
 
     previous = None
     for _ in range(int(options["max_iterations"])):
@@ -58,15 +60,15 @@ def main(argv: list[str]) -> int:
         bad = np.ravel(metrics.pop("nonfinite"))
         if bad.any():
             break
-        state, previous, iteration = new_state, metrics, iteration + 1
-        if iteration % 500 == 0:
+        state, previous, iteration = new_state, metrics, iteration + per_chunk
+        if iteration % 500 < per_chunk:
             print(f"  iteration {iteration} finite", flush=True)
     else:
         print("no non-finite iteration found")
         return 0
 
     print(f"first non-finite iteration: {iteration} (env steps {iteration * cfg.num_envs}-"
-          f"{(iteration + 1) * cfg.num_envs})")
+          f"{(iteration + per_chunk) * cfg.num_envs})")
     params = jax.device_get(new_state.learner.params)
     for member in np.flatnonzero(bad):
         print(f"\nmember {members.labels()[member]}")

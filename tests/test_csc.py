@@ -176,7 +176,8 @@ def test_explore_executes_a_policy_draw_under_the_threshold():
     # Before any episode V̂_C = χ, so ε = (1 − γ)(χ − χ) = 0 (Algorithm 1 line 2).
     assert float(metrics["csc/rejection_threshold"]) == 0.0
     # Rebuild the draws and their Q_C one draw at a time, then run the plain loop.
-    policy_dist = GaussianPolicyNet(hidden=(16,), action_size=2).apply(state.params.policy, obs)
+    policy_dist = GaussianPolicyNet(hidden=(16,), action_size=2, covariance=cfg.network.covariance).apply(
+        state.params.policy, obs)
     draws = np.asarray(gaussian.sample(policy_dist, key, 9))  # [E, M, A]
     q = np.stack([np.asarray(SingleQ(hidden=(16,)).apply(state.params.safety_critic, obs,
                                                             jnp.clip(draws[:, m], -1, 1))) for m in range(9)], 1)

@@ -45,6 +45,12 @@ class Algorithm:
 # CVPO, 20k for the baselines; DDPG-Lag's actor lr 3e-4.
 _AUTHORS_RATIO = {"num_envs": 15, "updates_per_iteration": 2}
 _BASELINE_REPLAY = {**_AUTHORS_RATIO, "replay_capacity": 20_000}
+# The on-policy methods act with a diagonal Gaussian, as TRPO, CPO and PPO are usually run (the CVPO authors
+# released no on-policy code). The full Cholesky head of CVPO's code is fragile in their float32 likelihood
+# ratios: on ant_velocity (observations up to 18, 8 actions) the initial Cholesky diagonal spans 0.007-11
+# across states, the log-density of the policy's own samples reaches −3.8e6 and KL(π_old ‖ π_old) reads 13.7,
+# so TRPO, TRPO-Lag, CPO and CSC rejected every step and stopped on NaN metrics at the first update.
+_ON_POLICY = {"network.covariance": "diag"}
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("cvpo", REPLAY, "cvpo_jax.cvpo:make_cvpo_learner",
@@ -60,15 +66,20 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
               "DDPG with a PID Lagrange multiplier", "offpolicy.gamma", "offpolicy.batch_size",
               presets={**_BASELINE_REPLAY, "offpolicy.actor_lr": 3e-4}),
     Algorithm("ppo_lag", ROLLOUT, "cvpo_jax.baselines.on_policy:make_ppo_lag_learner",
-              "PPO with a PID Lagrange multiplier", "onpolicy.gamma"),
+              "PPO with a PID Lagrange multiplier", "onpolicy.gamma",
+              presets=_ON_POLICY),
     Algorithm("trpo_lag", ROLLOUT, "cvpo_jax.baselines.on_policy:make_trpo_lag_learner",
-              "TRPO with a PID Lagrange multiplier", "onpolicy.gamma"),
+              "TRPO with a PID Lagrange multiplier", "onpolicy.gamma",
+              presets=_ON_POLICY),
     Algorithm("cpo", ROLLOUT, "cvpo_jax.baselines.on_policy:make_cpo_learner",
-              "Constrained Policy Optimization", "onpolicy.gamma"),
+              "Constrained Policy Optimization", "onpolicy.gamma",
+              presets=_ON_POLICY),
     Algorithm("trpo", ROLLOUT, "cvpo_jax.baselines.on_policy:make_trpo_learner",
-              "unconstrained TRPO (the cost is only logged)", "onpolicy.gamma"),
+              "unconstrained TRPO (the cost is only logged)", "onpolicy.gamma",
+              presets=_ON_POLICY),
     Algorithm("csc", ROLLOUT, "cvpo_jax.baselines.csc:make_csc_learner",
-              "Conservative Safety Critics", "onpolicy.gamma", "csc.batch_size"),
+              "Conservative Safety Critics", "onpolicy.gamma", "csc.batch_size",
+              presets=_ON_POLICY),
 )}
 
 

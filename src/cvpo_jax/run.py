@@ -136,11 +136,13 @@ def train(cfg: RunConfig, run_dir: Optional[str] = None) -> str:
             nonfinite = np.ravel(metrics.pop("nonfinite"))  # [N], one flag per member
             if nonfinite.any():
                 bad = "; ".join(label for label, flag in zip(members.labels(), nonfinite) if flag)
+                kept = (f"the last good checkpoint in {run_dir}/checkpoints stays"
+                        if checkpoint.latest_iteration(run_dir) is not None else "no checkpoint had been saved yet")
                 raise RunError(
                     f"non-finite loss or parameter in the chunk ending at env step "
                     f"{(iteration + schedule.iterations_per_chunk) * steps_per_iteration} ({bad}); "
-                    f"stopped without saving it; the last good checkpoint in {run_dir}/checkpoints stays "
-                    f"(experiments/find_nonfinite.py run={run_dir} finds the update)")
+                    f"stopped without saving it; {kept} (experiments/find_nonfinite.py run={run_dir} finds the "
+                    f"update)")
             iteration += schedule.iterations_per_chunk
             for k, v in metrics.items():
                 period.setdefault(k, []).append(v)

@@ -1,7 +1,7 @@
 """The on-policy baselines PPO-Lagrangian, TRPO-Lagrangian, CPO and unconstrained TRPO.
 
-All four share the policy network of CVPO (`GaussianPolicyNet`, same `network.hidden` and
-`network.covariance`), a reward value V_r and a cost value V_c (`MLP(hidden, 1)` each), GAE advantages for
+All four share the policy network of CVPO (`GaussianPolicyNet`, same `network.hidden`; `network.covariance`
+defaults to diag for them, see `algorithms._ON_POLICY`), a reward value V_r and a cost value V_c (`MLP(hidden, 1)` each), GAE advantages for
 rewards and for costs (`advantages.gae`), and the value fit. They differ only in the policy step:
 
 - ppo_lag: clipped-ratio surrogate on the combined advantage (Â_r − λ Â_c) / (1 + λ), minibatch epochs
