@@ -85,7 +85,9 @@ def main(argv: list[str]) -> int:
 
     header = ("| algo | rc | wall s | train ep. length | train terminated | train episodes | eval reward "
               "| eval length | eval terminated |")
-    lines = [f"{env}, {steps} env steps, 1 seed, 32x32 networks (smoke run, not a learning result)", "",
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [f"{env}, {steps} env steps, 1 seed, 32x32 networks, commit {commit or 'unknown'}, "
+             f"extra options: {' '.join(passthrough) or 'none'} (smoke run, not a learning result)", "",
              header, "|" + "---|" * 9]
     for algo, rc, wall, values in rows:
         lines.append(f"| {algo} | {rc} | {wall:.0f} | "
