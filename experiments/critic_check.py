@@ -26,7 +26,8 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    options = {"env": "point_goal", "envs": "32", "steps": "1000", "updates": "20000", "hidden": "64", "run": "", "member": "0"}
+    options = {"env": "point_goal", "envs": "32", "steps": "1000", "updates": "20000", "hidden": "64", "run": "",
+               "member": "0"}
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in options:
@@ -46,19 +47,11 @@ def main(argv: list[str]) -> int:
     num_envs, steps, updates = int(options["envs"]), int(options["steps"]), int(options["updates"])
     hidden = int(options["hidden"])
     if options["run"]:
-        import os
+        from cvpo_jax import saved_run
 
-        from cvpo_jax import algorithms, checkpoint
-        from cvpo_jax.config import from_yaml_file
-        from cvpo_jax.core.members import SweepMembers
-
-        cfg = from_yaml_file(os.path.join(options["run"], "config.yaml"))
+        run = saved_run.load(options["run"])
+        cfg, env, trainer, restored = run.cfg, run.env, run.trainer, run.state
         options["env"] = cfg.env
-        env = envs.make(cfg.env)
-        trainer = algorithms.make_trainer(cfg, env)
-        like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                            jax.eval_shape(trainer.init, SweepMembers.from_config(cfg).keys()))
-        restored = checkpoint.restore(options["run"], checkpoint.latest_iteration(options["run"]), like)
         member = int(options["member"])
         policy_params = jax.tree.map(lambda x: x[member], restored.learner.params)
 
@@ -133,7 +126,8 @@ def main(argv: list[str]) -> int:
             q = np.asarray(jax.jit(jax.vmap(lambda o, a: nets.cost_critic.apply(params, o, a)))(
                 jnp.asarray(obs[:half]), jnp.asarray(action[:half])))
             corr = float(np.corrcoef(q.ravel(), mc.ravel())[0, 1])
-            print(f"{(i + 1) * 1000:8d} {float(loss):9.4f} {q.mean():9.3f} {mc.mean():9.3f} {q.mean() / mc.mean():9.3f} "
+            print(f"{(i + 1) * 1000:8d} {float(loss):9.4f} {q.mean():9.3f} {mc.mean():9.3f} "
+                  f"{q.mean() / mc.mean():9.3f} "
                   f"{corr:6.2f}", flush=True)
     print(f"total {time.time() - start:.0f} s")
     return 0

@@ -34,20 +34,14 @@ def main(argv: list[str]) -> int:
     import jax
     import jax.numpy as jnp
 
-    from cvpo_jax import algorithms, checkpoint, envs, estep
-    from cvpo_jax.config import from_yaml_file
+    from cvpo_jax import estep, saved_run
     from cvpo_jax.core import replay
-    from cvpo_jax.core.members import SweepMembers
     from cvpo_jax.cvpo import make_cvpo
 
     run_dir = options["run"]
-    cfg = from_yaml_file(os.path.join(run_dir, "config.yaml"))
-    env = envs.make(cfg.env)
-    trainer = algorithms.make_trainer(cfg, env)
-    members = SweepMembers.from_config(cfg)
-    like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(trainer.init, members.keys()))
-    iteration = checkpoint.latest_iteration(run_dir)
-    state = jax.tree.map(lambda x: x[0], checkpoint.restore(run_dir, iteration, like))  # member 0
+    run = saved_run.load(run_dir)
+    cfg, env, members, iteration = run.cfg, run.env, run.members, run.iteration
+    state = jax.tree.map(lambda x: x[0], run.state)  # member 0
     settings = jax.tree.map(lambda x: x[0], members.settings())
     learner, phases = make_cvpo(cfg, env.observation_size, env.action_size)
 

@@ -33,21 +33,14 @@ def main(argv: list[str]) -> int:
 
     import jax
 
-    from cvpo_jax import checkpoint, envs, run
-    from cvpo_jax.algorithms import make_trainer
-    from cvpo_jax.core.members import SweepMembers
+    from cvpo_jax import run, saved_run
 
     cfg = run.resolve([f"resume={run_dir}"])
     cfg.chunk_env_steps = cfg.num_envs  # one iteration per chunk
-    trainer = make_trainer(cfg, envs.make(cfg.env))
-    members = SweepMembers.from_config(cfg)
-    state = trainer.init(members.keys())
+    # With no checkpoint the replay starts where the run started (its keys are the seeds').
+    replay = saved_run.load(run_dir, cfg, from_start_if_no_checkpoint=True)
+    trainer, members, state, iteration = replay.trainer, replay.members, replay.state, replay.iteration
     settings = members.settings()
-    iteration = checkpoint.latest_iteration(run_dir)
-    if iteration is None:
-        iteration = 0  # stopped before its first checkpoint: the run's own start (its keys are the seeds')
-    else:
-        state = checkpoint.restore(run_dir, iteration, state)
     per_chunk = trainer.schedule.iterations_per_chunk  # 1, or one rollout for the on-policy methods
     print(f"from iteration {iteration} (env step {iteration * cfg.num_envs}; "
           f"{'a checkpoint' if iteration else 'the start'}), {per_chunk} iteration(s) per step, "

@@ -64,6 +64,12 @@ def test_report_writes_every_figure_and_the_table(tmp_path):
     table = (tmp_path / "report" / "summary.md").read_text()
     assert "| point_goal | cvpo | 2 | 1000 |" in table and "car_goal" not in table
 
+    # A suite run one task at a time still reports every run there is (the given ones first).
+    assert suite.report_scope(str(tmp_path), ["car_goal"], ["cvpo"]) == (["car_goal", "point_goal"],
+                                                                         ["cvpo", "sac_lag"])
+    (tmp_path / "not-a-run").mkdir()
+    assert suite.report_scope(str(tmp_path), ["point_goal"], ["sac_lag"]) == (["point_goal"], ["sac_lag", "cvpo"])
+
 
 @pytest.mark.parametrize("argv, words", [
     (["tasks=point_goal,nope"], ["tasks", "nope", "point_goal"]),

@@ -217,15 +217,19 @@ def test_experiment_suite_trains_skips_continues_and_refuses_other_settings(lear
     assert "finished (800 env steps), skipped" in capsys.readouterr().out
     assert (run_dir / "checkpoints").stat().st_mtime_ns == first
 
+    with open(run_dir / "command.txt", "a") as f:  # as an invocation killed before its end leaves it
+        f.write(f"python -m cvpo_jax.suite killed\n{suite.STARTED}(killed)\n")
     assert suite.main(args + ["total_env_steps=1200"]) == 0  # a longer budget: continue, not restart
     assert "continuing from its last checkpoint" in capsys.readouterr().out
     assert checkpoint.latest_iteration(str(run_dir)) == 300
     steps = [int(r["env_steps"]) for r in _rows(str(run_dir)) if r["member"] == "0"]
     assert steps == [0, 400, 800, 1200]
 
-    command = (run_dir / "command.txt").read_text().splitlines()
-    assert len(command) == 4 and command[0].startswith("python -m cvpo_jax.suite tasks=speed_limit algos=cvpo")
-    assert "total_env_steps=1200" in command[2] and "commit" in command[3] and "s wall" in command[3]
+    command = (run_dir / "command.txt").read_text().splitlines()  # 3 lines per invocation that trained
+    assert len(command) == 9 and command[0].startswith("python -m cvpo_jax.suite tasks=speed_limit algos=cvpo")
+    assert command[1].startswith(suite.STARTED) and "commit" in command[1] and "s wall" in command[2]
+    assert "stopped before its end" in command[5] and "saved: 20" in command[5]  # the checkpoint's date
+    assert "total_env_steps=1200" in command[6] and "iteration 200" in command[7] and "s wall" in command[8]
 
     assert suite.main(args + ["total_env_steps=1200", "cvpo.kl_bound=0.2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -271,6 +275,22 @@ def test_critic_check_compares_the_critics_with_monte_carlo_returns(learning_run
     assert rows[1]["mc_cost"] > 8.0 and abs(rows[1]["q_c"] - rows[1]["mc_cost"]) < 3.0
     assert rows[0]["mc_cost"] < rows[1]["mc_cost"]
     assert diagnostics.main(["run=/nonexistent"]) == 2
+
+
+def test_saved_run_restores_the_last_checkpoint_and_says_when_there_is_none(learning_run, tmp_path):
+    import shutil
+
+    from cvpo_jax import saved_run
+
+    loaded = saved_run.load(learning_run)
+    assert loaded.iteration == checkpoint.latest_iteration(learning_run) > 0 and loaded.members.size == 2
+    # The restored state is the checkpoint's, not a fresh one: its replay holds the run's transitions.
+    assert int(np.min(np.asarray(loaded.state.replay.size))) > 0
+    with pytest.raises(ValueError, match="no config.yaml"):
+        saved_run.load(str(tmp_path))
+    shutil.copy(os.path.join(learning_run, "config.yaml"), tmp_path / "config.yaml")
+    with pytest.raises(ValueError, match="no checkpoint yet"):
+        saved_run.load(str(tmp_path))
 
 
 def test_a_checkpoint_of_another_state_layout_gets_a_one_line_error(tmp_path):

@@ -41,22 +41,15 @@ def critic_check(run_dir: str, episodes: int = 8) -> list[dict[str, float]]:
     import jax.numpy as jnp
     from brax.envs.wrappers.training import EpisodeWrapper, VmapWrapper
 
-    from cvpo_jax import algorithms, checkpoint, envs, networks
+    from cvpo_jax import algorithms, networks, saved_run
     from cvpo_jax.config import from_yaml_file
-    from cvpo_jax.core.members import SweepMembers
 
     cfg = from_yaml_file(os.path.join(run_dir, "config.yaml"))
     algorithm = algorithms.get(cfg.algo)
     if algorithm.trainer != algorithms.REPLAY:
         raise ValueError(f"run={run_dir}: {cfg.algo} has no Q critics (a replay method's run is needed)")
-    iteration = checkpoint.latest_iteration(run_dir)
-    if iteration is None:
-        raise ValueError(f"run={run_dir}: no checkpoint yet")
-    env = envs.make(cfg.env)
-    trainer = algorithms.make_trainer(cfg, env)
-    members = SweepMembers.from_config(cfg)
-    like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(trainer.init, members.keys()))
-    params = checkpoint.restore(run_dir, iteration, like).learner.params
+    run = saved_run.load(run_dir, cfg)
+    env, trainer, members, params = run.env, run.trainer, run.members, run.state.learner.params
     nets = networks.make_networks(env.observation_size, env.action_size, hidden=tuple(cfg.network.hidden),
                                   covariance=cfg.network.covariance)
     gamma = float(algorithms.config_value(cfg, algorithm.gamma_key))

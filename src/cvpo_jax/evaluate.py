@@ -10,8 +10,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-import numpy as np
-
 ALLOWED = ("run", "episodes", "picture", "member")
 
 
@@ -97,25 +95,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import jax
 
-    from cvpo_jax import checkpoint, envs
-    from cvpo_jax.algorithms import make_trainer
+    from cvpo_jax import saved_run
     from cvpo_jax.config import from_yaml_file
-    from cvpo_jax.core.members import SweepMembers
 
     cfg = dataclasses.replace(from_yaml_file(os.path.join(run_dir, "config.yaml")), eval_episodes=episodes)
-    iteration = checkpoint.latest_iteration(run_dir)
-    if iteration is None:
-        print(f"error: run={run_dir}: no checkpoint yet", file=sys.stderr)
-        return 2
-    env = envs.make(cfg.env)
-    trainer = make_trainer(cfg, env)
-    members = SweepMembers.from_config(cfg)
-    like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(trainer.init, members.keys()))
     try:
-        state = checkpoint.restore(run_dir, iteration, like)
-    except checkpoint.CheckpointMismatch as e:
+        run = saved_run.load(run_dir, cfg)
+    except ValueError as e:  # no checkpoint yet, or one another version wrote
         print(f"error: {e}", file=sys.stderr)
         return 2
+    trainer, members, iteration, state = run.trainer, run.members, run.iteration, run.state
     num_members = members.size
     if not 0 <= member < num_members:
         print(f"error: member={member}: the run has members 0..{num_members - 1}", file=sys.stderr)

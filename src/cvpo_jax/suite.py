@@ -15,7 +15,8 @@ Then it writes, under `<out>/report/`:
 - `convergence_cost_boxplot.png`: the evaluation cost of the last 20% of training, all seeds, per algorithm
   and task, the limit drawn (Fig. 5);
 - `summary.md` and `summary.csv`: final reward, convergence cost (median, third quartile), cumulative cost.
-`report_only=true` only rewrites the report from the runs there are.
+`report_only=true` only rewrites the report. The report covers every run under `<out>`, the given tasks and
+algorithms first.
 """
 
 from __future__ import annotations
@@ -161,14 +162,15 @@ def run_suite(options: SuiteOptions) -> list[str]:
                                              else "no checkpoint yet, starting again"), flush=True)
             else:
                 print(f"{task}-{algo}: starting", flush=True)
-            start, commit = time.time(), _code_commit()  # the code this invocation trains with
+            start = time.time()
+            _record_start(run_dir, options, _code_commit())  # the code this invocation trains with
             try:
                 run.train(cfg, run_dir)
             except run.RunError as e:
                 failures.append(f"{task}-{algo}: {e}")
                 continue
             finally:
-                _record_invocation(run_dir, options, commit, time.time() - start)
+                _record_end(run_dir, time.time() - start)
             with open(os.path.join(run_dir, DONE), "w") as f:
                 f.write(f"{cfg.total_env_steps} env steps per seed\n")
     return failures
@@ -189,15 +191,39 @@ def _code_commit() -> str:
     return (commit + (" with uncommitted changes" if dirty else "")) if commit else "unknown"
 
 
-def _record_invocation(run_dir: str, options: SuiteOptions, commit: str, seconds: float) -> None:
-    """Append to the run's command.txt: the suite command, the code's commit and this invocation's wall time."""
+STARTED = "# started "  # the line each invocation writes first; an invocation killed leaves it last
+
+
+def _record_start(run_dir: str, options: SuiteOptions, commit: str) -> None:
+    """Append to the run's command.txt the suite command, the code's commit and where this invocation starts.
+
+    It is written before training, so an invocation that is killed (a session's end, SIGKILL) still shows;
+    the next one notes when the killed one last saved a checkpoint, the end of its recorded work."""
     import shlex
 
+    from cvpo_jax import checkpoint
+
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "command.txt")
+    lines = open(path).read().splitlines() if os.path.isfile(path) else []
+    iteration = checkpoint.latest_iteration(run_dir)
+    with open(path, "a") as f:
+        if lines and lines[-1].startswith(STARTED):
+            saved = os.path.join(run_dir, "checkpoints", str(iteration)) if iteration is not None else None
+            when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(saved)))
+                    if saved and os.path.exists(saved) else "never")
+            f.write(f"# that invocation was stopped before its end; its last checkpoint was saved: {when}\n")
+        f.write(f"python -m cvpo_jax.suite {shlex.join(options.argv)}\n"
+                f"{STARTED}{time.strftime('%Y-%m-%d %H:%M:%S')}, commit {commit}, from the checkpoint of "
+                f"iteration {iteration or 0}\n")
+
+
+def _record_end(run_dir: str, seconds: float) -> None:
+    """Append this invocation's wall time to the run's command.txt."""
     if os.path.isdir(run_dir):
         with open(os.path.join(run_dir, "command.txt"), "a") as f:
-            f.write(f"python -m cvpo_jax.suite {shlex.join(options.argv)}\n"
-                    f"# commit {commit} at the start; this invocation trained for {seconds:.0f} s wall "
-                    f"(ended {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            ended = time.strftime("%Y-%m-%d %H:%M:%S")
+            f.write(f"# this invocation trained for {seconds:.0f} s wall (ended {ended})\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,6 +269,24 @@ def summary_row(data: dict[str, np.ndarray]) -> dict[str, float]:
         "convergence_cost_q3": float(np.percentile(conv, 75)),
         "cumulative_cost_mean": float(np.mean(cumulative[:, -1])),
     }
+
+
+def report_scope(out: str, tasks: Sequence[str], algos: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The tasks and algorithms a report of `out` covers: the given ones, then those of every other
+    `<task>-<algo>` run already there (a suite run one task at a time keeps one report of all of them)."""
+    from cvpo_jax import algorithms, envs
+
+    tasks, algos = list(tasks), list(algos)
+    found = set()
+    if os.path.isdir(out):
+        for name in os.listdir(out):
+            task, sep, algo = name.partition("-")
+            if sep and task in envs.names() and algo in algorithms.ALGORITHMS:
+                found.add((task, algo))
+    task_order = list(PAPER_TASKS) + [t for t in envs.names() if t not in PAPER_TASKS]
+    tasks += [t for t in task_order if t not in tasks and any(t == task for task, _ in found)]
+    algos += [a for a in algorithms.ALGORITHMS if a not in algos and any(a == algo for _, algo in found)]
+    return tasks, algos
 
 
 def _load_runs(out: str, tasks: Sequence[str], algos: Sequence[str]) -> dict[tuple[str, str], dict]:
@@ -384,7 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; the same command continues the suite", file=sys.stderr)
         return 130
-    for path in write_report(options.out, options.tasks, options.algos):
+    for path in write_report(options.out, *report_scope(options.out, options.tasks, options.algos)):
         print(path)
     for line in failures:
         print(f"error: {line}", file=sys.stderr)
