@@ -20,11 +20,12 @@ import jax.numpy as jnp
 
 def main(argv):
     opts = {"tasks": "point_goal", "batch": "15", "steps": "400", "repeats": "3", "refill_period": "auto"}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in opts:
-            raise SystemExit(f"error: unknown option {key!r}; allowed: {', '.join(opts)}")
-        opts[key] = value
+    from cvpo_jax.cli import parse_options
+
+    try:
+        opts = parse_options(argv, opts)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     from cvpo_jax import envs
     from cvpo_jax.core import acting as acting_module
 

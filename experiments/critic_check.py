@@ -28,12 +28,13 @@ import numpy as np
 def main(argv: list[str]) -> int:
     options = {"env": "point_goal", "envs": "32", "steps": "1000", "updates": "20000", "hidden": "64", "run": "",
                "member": "0"}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in options:
-            print(f"error: unknown option {key!r}; allowed: {', '.join(options)}", file=sys.stderr)
-            return 2
-        options[key] = value
+    from cvpo_jax.cli import parse_options
+
+    try:
+        options = parse_options(argv, options)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import jax
     import jax.numpy as jnp
     import optax

@@ -22,12 +22,13 @@ import numpy as np
 
 def main(argv: list[str]) -> int:
     options = {"run": "", "updates": "200", "budgets": "4,6,8,12"}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in options:
-            print(f"error: unknown option {key!r}; allowed: {', '.join(options)}", file=sys.stderr)
-            return 2
-        options[key] = value
+    from cvpo_jax.cli import parse_options
+
+    try:
+        options = parse_options(argv, options)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not options["run"] or not os.path.isfile(os.path.join(options["run"], "config.yaml")):
         print("error: run= must name a CVPO run directory with a config.yaml and checkpoints", file=sys.stderr)
         return 2

@@ -18,13 +18,13 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    options = {"run": "", "batches": "100", "particles": "16,32,64"}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in options:
-            print(f"error: bad argument {arg!r}; allowed: {', '.join(k + '=' for k in options)}", file=sys.stderr)
-            return 2
-        options[key] = value
+    from cvpo_jax.cli import parse_options
+
+    try:
+        options = parse_options(argv, {"run": "", "batches": "100", "particles": "16,32,64"})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import jax
     import jax.numpy as jnp
 

@@ -19,13 +19,13 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    options = {"run": "", "max_iterations": "20000", "out": ""}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in options:
-            print(f"error: bad argument {arg!r}; allowed: {', '.join(k + '=' for k in options)}", file=sys.stderr)
-            return 2
-        options[key] = value
+    from cvpo_jax.cli import parse_options
+
+    try:
+        options = parse_options(argv, {"run": "", "max_iterations": "20000", "out": ""})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run_dir = options["run"]
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         print(f"error: run={run_dir}: give a run directory made by cvpo_jax.run", file=sys.stderr)

@@ -63,11 +63,12 @@ def bench(task, steps, repeats, seed=0):
 
 def main(argv):
     opts = {"steps": "3000", "repeats": "3", "tasks": ",".join(TASKS), "json": ""}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in opts:
-            sys.exit(f"unknown option {arg!r}; keys: {', '.join(opts)}")
-        opts[key] = value
+    from cvpo_jax.cli import parse_options
+
+    try:
+        opts = parse_options(argv, opts)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
     results = []

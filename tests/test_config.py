@@ -143,3 +143,15 @@ def test_task_presets_fill_only_what_is_unset():
     assert (cfg.episode_length, cfg.cost_limit) == (400, 10.0)
     cfg = fill_task_presets(load_config(["env=point_goal", "episode_length=50", "cost_limit=3"], ["point_goal"]), task)
     assert (cfg.episode_length, cfg.cost_limit) == (50, 3.0)
+
+
+def test_tool_options_are_key_value_over_defaults_with_one_line_errors():
+    from cvpo_jax.cli import parse_options
+
+    defaults = {"run": "", "episodes": "8"}
+    assert parse_options(["episodes=3"], defaults) == {"run": "", "episodes": "3"}
+    assert defaults == {"run": "", "episodes": "8"}  # the defaults are not changed
+    for bad in (["episode=3"], ["run"]):
+        with pytest.raises(ValueError, match=r"allowed: run=\.\.\., episodes=\.\.\.") as info:
+            parse_options(bad, defaults)
+        assert bad[0] in str(info.value) and "\n" not in str(info.value)

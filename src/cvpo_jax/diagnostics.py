@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-ALLOWED = ("run", "episodes")
+DEFAULTS = {"run": "", "episodes": "8"}
 
 
 def discounted_returns(values: np.ndarray, gamma: float) -> np.ndarray:
@@ -99,23 +99,23 @@ def critic_check(run_dir: str, episodes: int = 8) -> list[dict[str, float]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    options = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in ALLOWED:
-            print(f"error: bad argument {arg!r}; allowed: {', '.join(k + '=...' for k in ALLOWED)}", file=sys.stderr)
-            return 2
-        options[key] = value
-    run_dir = options.get("run")
+    from cvpo_jax.cli import parse_options
+
+    try:
+        options = parse_options(argv, DEFAULTS)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = options["run"]
     if not run_dir or not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         print(f"error: run={run_dir}: give a run directory made by cvpo_jax.run", file=sys.stderr)
         return 2
     try:
-        episodes = int(options.get("episodes", "8"))
+        episodes = int(options["episodes"])
         if episodes < 1:
             raise ValueError
     except ValueError:
-        print(f"error: episodes={options.get('episodes')}: expected a positive integer", file=sys.stderr)
+        print(f"error: episodes={options['episodes']}: expected a positive integer", file=sys.stderr)
         return 2
     try:
         rows = critic_check(run_dir, episodes)

@@ -18,12 +18,9 @@ class EvaluateError(ValueError):
 
 
 def _parse(argv: Sequence[str]) -> dict[str, str]:
-    options = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in ALLOWED:
-            raise EvaluateError(f"bad argument {arg!r}; allowed: {', '.join(k + '=...' for k in ALLOWED)}")
-        options[key] = value
+    from cvpo_jax.cli import parse_options
+
+    options = {k: v for k, v in parse_options(argv, dict.fromkeys(ALLOWED, "")).items() if v}
     if "run" not in options:
         raise EvaluateError("missing run=<run dir> (a directory made by python -m cvpo_jax.run)")
     return options

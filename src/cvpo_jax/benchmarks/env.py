@@ -61,12 +61,9 @@ def sgym_counterpart(name: str) -> tuple[str, float] | None:
 
 
 def _parse(argv: list[str]) -> dict:
-    opts = dict(_DEFAULTS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in opts:
-            raise ValueError(f"bad option {arg!r}; use key=value with keys {', '.join(opts)}")
-        opts[key] = value
+    from cvpo_jax.cli import parse_options
+
+    opts = parse_options(argv, dict(_DEFAULTS))
     out = {"json": opts["json"]}
     try:
         out["batches"] = [int(b) for b in opts["batches"].split(",") if b]
