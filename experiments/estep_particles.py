@@ -5,7 +5,8 @@
 Restores a CVPO run's last checkpoint and, for every member and every K, solves the E-step exactly as training
 does (the target policy's particles, the target critics, the member's ε1 and ε) on `batches` replay batches of
 the run's batch size, the same batches for every K. It prints the fraction of infeasible solves (no q within
-the KL ball reaches E_q[Q_c] ≤ ε1), the batch mean of Q_c under the old policy's particles, and E_q*[Q_c].
+the KL ball reaches E_q[Q_c] ≤ ε1), the batch mean of Q_c under the old policy's particles, E_q*[Q_c], λ, and
+the within-state standard deviation of Q_c over the particles (how much the critic lets the action matter).
 Nothing trains and nothing in the run directory is written.
 """
 
@@ -44,7 +45,8 @@ def main(argv: list[str]) -> int:
     batches, counts = int(options["batches"]), [int(k) for k in options["particles"].split(",")]
     print(f"{cfg.algo} on {cfg.env}, checkpoint iteration {run.iteration}, B {cfg.cvpo.batch_size}, "
           f"{batches} replay batches per member; ε1 {members.cost_thresholds}")
-    print(f"{'member':>6} {'K':>4} {'infeasible':>10} {'E_pi[Q_c]':>10} {'E_q*[Q_c]':>10} {'lambda':>8}")
+    print(f"{'member':>6} {'K':>4} {'infeasible':>10} {'E_pi[Q_c]':>10} {'E_q*[Q_c]':>10} {'lambda':>8} "
+          f"{'std_a Q_c':>10}")
     for k in counts:
         cfg_k = dataclasses.replace(cfg, cvpo=dataclasses.replace(cfg.cvpo, num_particles=k))
         learner, phases = make_cvpo(cfg_k, env.observation_size, env.action_size)
@@ -55,7 +57,8 @@ def main(argv: list[str]) -> int:
             batch = replay.sample(replay_state, sample_key, learner.batch_size)
             _, _, q_c, solution = phases.estep_step(learner_state, batch, settings, particle_key)
             expected = jnp.mean(jnp.sum(solution.weights * q_c, axis=-1))
-            return solution.infeasible, jnp.mean(q_c), expected, solution.lam
+            spread = jnp.mean(jnp.std(q_c, axis=-1))  # how much Q_c depends on the action within a state
+            return solution.infeasible, jnp.mean(q_c), expected, solution.lam, spread
 
         for m in range(members.size):
             member = jax.tree.map(lambda x: x[m], run.state)
@@ -63,9 +66,9 @@ def main(argv: list[str]) -> int:
             rows = [jax.device_get(solve(member.learner, member.replay, settings,
                                          jax.random.fold_in(jax.random.PRNGKey(m), b)))
                     for b in range(batches)]  # the same batches for every K: the sample key does not depend on K
-            infeasible, q_pi, q_star, lam = (np.array(col, dtype=float) for col in zip(*rows))
+            infeasible, q_pi, q_star, lam, spread = (np.array(col, dtype=float) for col in zip(*rows))
             print(f"{m:>6} {k:>4} {np.mean(infeasible):>10.2f} {np.mean(q_pi):>10.3f} {np.mean(q_star):>10.3f} "
-                  f"{np.mean(lam):>8.3f}", flush=True)
+                  f"{np.mean(lam):>8.3f} {np.mean(spread):>10.3f}", flush=True)
     return 0
 
 
