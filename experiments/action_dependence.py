@@ -23,16 +23,13 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    from cvpo_jax.cli import parse_options
+    from cvpo_jax.cli import exit_on_bad_input, parse_options
 
-    try:
+    with exit_on_bad_input():
         options = parse_options(argv, {"run": "", "member": "0", "states": "16", "particles": "8", "repeats": "4",
                                        "branch_at": "200"})
         member, states, particles, repeats, branch_at = (int(options[k]) for k in
                                                          ("member", "states", "particles", "repeats", "branch_at"))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     import jax
     import jax.numpy as jnp
     from brax.envs.wrappers.training import EpisodeWrapper, VmapWrapper
@@ -40,11 +37,8 @@ def main(argv: list[str]) -> int:
     from cvpo_jax import algorithms, networks, saved_run
     from cvpo_jax.diagnostics import discounted_returns
 
-    try:
+    with exit_on_bad_input():
         run = saved_run.load(options["run"])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     cfg, env, trainer = run.cfg, run.env, run.trainer
     algorithm = algorithms.get(cfg.algo)
     if algorithm.trainer != algorithms.REPLAY or not 0 <= member < run.members.size:

@@ -28,13 +28,10 @@ import numpy as np
 def main(argv: list[str]) -> int:
     options = {"env": "point_goal", "envs": "32", "steps": "1000", "updates": "20000", "hidden": "64", "run": "",
                "member": "0"}
-    from cvpo_jax.cli import parse_options
+    from cvpo_jax.cli import exit_on_bad_input, parse_options
 
-    try:
+    with exit_on_bad_input():
         options = parse_options(argv, options)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     import jax
     import jax.numpy as jnp
     import optax

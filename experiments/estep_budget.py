@@ -22,13 +22,10 @@ import numpy as np
 
 def main(argv: list[str]) -> int:
     options = {"run": "", "updates": "200", "budgets": "4,6,8,12"}
-    from cvpo_jax.cli import parse_options
+    from cvpo_jax.cli import exit_on_bad_input, parse_options
 
-    try:
+    with exit_on_bad_input():
         options = parse_options(argv, options)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if not options["run"] or not os.path.isfile(os.path.join(options["run"], "config.yaml")):
         print("error: run= must name a CVPO run directory with a config.yaml and checkpoints", file=sys.stderr)
         return 2

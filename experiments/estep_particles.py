@@ -19,13 +19,10 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    from cvpo_jax.cli import parse_options
+    from cvpo_jax.cli import exit_on_bad_input, parse_options
 
-    try:
+    with exit_on_bad_input():
         options = parse_options(argv, {"run": "", "batches": "100", "particles": "16,32,64"})
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     import jax
     import jax.numpy as jnp
 
@@ -33,11 +30,8 @@ def main(argv: list[str]) -> int:
     from cvpo_jax.core import replay
     from cvpo_jax.cvpo import make_cvpo
 
-    try:
+    with exit_on_bad_input():
         run = saved_run.load(options["run"])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if run.cfg.algo != "cvpo":
         print(f"error: run={options['run']}: a CVPO run is needed, not {run.cfg.algo}", file=sys.stderr)
         return 2

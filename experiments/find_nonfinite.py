@@ -19,13 +19,10 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    from cvpo_jax.cli import parse_options
+    from cvpo_jax.cli import exit_on_bad_input, parse_options
 
-    try:
+    with exit_on_bad_input():
         options = parse_options(argv, {"run": "", "max_iterations": "20000", "out": ""})
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     run_dir = options["run"]
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         print(f"error: run={run_dir}: give a run directory made by cvpo_jax.run", file=sys.stderr)

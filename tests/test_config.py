@@ -155,3 +155,13 @@ def test_tool_options_are_key_value_over_defaults_with_one_line_errors():
         with pytest.raises(ValueError, match=r"allowed: run=\.\.\., episodes=\.\.\.") as info:
             parse_options(bad, defaults)
         assert bad[0] in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_tool_input_exits_2_with_one_line(capsys):
+    from cvpo_jax.cli import exit_on_bad_input, parse_options
+
+    with pytest.raises(SystemExit) as info:
+        with exit_on_bad_input():
+            parse_options(["nope=1"], {"run": ""})
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: bad argument 'nope=1'; allowed: run=..."

@@ -3,6 +3,8 @@ benchmarks, the experiment scripts). `python -m cvpo_jax.run` and the suite pars
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Sequence
 
 
@@ -18,3 +20,14 @@ def parse_options(argv: Sequence[str], defaults: dict[str, str]) -> dict[str, st
             raise ValueError(f"bad argument {arg!r}; allowed: {', '.join(k + '=...' for k in options)}")
         options[key] = value
     return options
+
+
+@contextlib.contextmanager
+def exit_on_bad_input():
+    """Wrap a tool's input checks: a ValueError raised inside (a bad option, a run directory that does not fit)
+    prints as one `error: ...` line and exits with status 2, without a traceback."""
+    try:
+        yield
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
