@@ -1,22 +1,29 @@
 """Does the true cost depend on the action more than the cost critic says?
 
     python experiments/action_dependence.py run=runs/suite_cpu/car_goal-cvpo [member=0] [states=16]
-        [particles=8] [repeats=4] [branch_at=200]
+        [particles=8] [repeats=4] [branch_at=200] [save=<file.npz>]
 
 The E-step can only lower E_q[Q_c] as far as Q_c varies with the action within a state
 (experiments/estep_particles.py measures that spread). This measures the same spread on the real cost:
 `states` exploring episodes of one member of a replay run are played to step `branch_at`; at each of those
 states `particles` actions are drawn from the exploring policy, and from each (state, action) the episode is
 continued `repeats` times with the exploring policy for H steps (γ^H ≤ 0.01), the same random numbers for every
-action of a state (common random numbers), so the differences between actions are not rollout noise. The
-discounted cost of each continuation, averaged over the repeats, is a Monte-Carlo Q_c(s, a). Printed: per
-state the critic's Q_c and the Monte-Carlo Q_c, each as mean and standard deviation over the actions, their
-correlation over the actions, and the Monte-Carlo standard error of one action's estimate.
+action of a state (common random numbers). The discounted cost of each continuation, averaged over the repeats,
+is a Monte-Carlo Q_c(s, a). Shared random numbers do not make the differences between actions noise-free: once
+a first action changes the path, the same numbers drive different contacts and the continuations decorrelate.
+So the Monte-Carlo spread over actions holds rollout noise, and whether any action effect stands out of it is
+tested (`diagnostics.action_effect_f_test`: action × repeat analysis of variance, per state and pooled, its
+p-value from 2000 permutations of the actions within each repeat, as the costs are far from normal).
+Printed: per state the critic's Q_c and the Monte-Carlo Q_c, each as mean and standard deviation over the
+actions, their correlation over the actions, the Monte-Carlo standard error of one action's estimate, and the
+test's F and p (nan where every action gave every repeat the same cost). `save=` also writes the states'
+observations, the actions and the Monte-Carlo returns to an .npz file, for experiments/critic_capacity.py.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import numpy as np
@@ -27,15 +34,18 @@ def main(argv: list[str]) -> int:
 
     with exit_on_bad_input():
         options = parse_options(argv, {"run": "", "member": "0", "states": "16", "particles": "8", "repeats": "4",
-                                       "branch_at": "200"})
+                                       "branch_at": "200", "save": ""})
         member, states, particles, repeats, branch_at = (int(options[k]) for k in
                                                          ("member", "states", "particles", "repeats", "branch_at"))
+        save_dir = os.path.dirname(os.path.abspath(options["save"])) if options["save"] else ""
+        if save_dir and not os.path.isdir(save_dir):
+            raise ValueError(f"save={options['save']}: no directory {save_dir} to write into")
     import jax
     import jax.numpy as jnp
     from brax.envs.wrappers.training import EpisodeWrapper, VmapWrapper
 
     from cvpo_jax import algorithms, networks, saved_run
-    from cvpo_jax.diagnostics import discounted_returns
+    from cvpo_jax.diagnostics import action_effect_f_test, discounted_returns
 
     with exit_on_bad_input():
         run = saved_run.load(options["run"])
@@ -91,27 +101,35 @@ def main(argv: list[str]) -> int:
         first_cost = branched.info["cost"]
         alive = branched.done <= 0
         _, costs = jax.lax.scan(continue_, (branched, alive), jax.random.split(continue_key, horizon))
-        return q_critic, first_cost, costs  # [S,K], [S·K·R], [H, S·K·R]
+        return state.obs, first, q_critic, first_cost, costs  # [S,O], [S,K,A], [S,K], [S·K·R], [H, S·K·R]
 
-    q_critic, first_cost, costs = jax.device_get(measure(jax.random.PRNGKey(member)))
+    obs, first, q_critic, first_cost, costs = jax.device_get(measure(jax.random.PRNGKey(member)))
     series = np.concatenate([np.asarray(first_cost, np.float64)[None], np.asarray(costs, np.float64)], axis=0)
     returns = discounted_returns(series, gamma)[0].reshape(states, particles, repeats)  # G from (s, a)
     q_mc, q_mc_se = returns.mean(-1), returns.std(-1) / math.sqrt(repeats)  # [S, K]
     q_critic = np.asarray(q_critic, np.float64)
+    if options["save"]:
+        np.savez(options["save"], obs=obs, actions=first, returns=returns, q_critic=q_critic, member=member,
+                 iteration=run.iteration)
 
     print(f"{cfg.algo} on {cfg.env}, member {member}, checkpoint iteration {run.iteration}: {states} states at "
           f"step {branch_at}, {particles} actions each, {repeats} continuations of {horizon} steps per action")
     print(f"{'state':>5} {'critic mean':>11} {'critic std_a':>12} {'MC mean':>8} {'MC std_a':>8} {'corr_a':>6} "
-          f"{'MC s.e.':>7}")
+          f"{'MC s.e.':>7} {'F':>6} {'p':>6}")
     corrs = []
     for s in range(states):
         ok = np.std(q_mc[s]) > 0 and np.std(q_critic[s]) > 0
         corr = float(np.corrcoef(q_critic[s], q_mc[s])[0, 1]) if ok else float("nan")
         corrs.append(corr)
+        f_value, p_value, _, _ = action_effect_f_test(returns[s], permutations=2000)
         print(f"{s:>5} {q_critic[s].mean():>11.3f} {q_critic[s].std():>12.3f} {q_mc[s].mean():>8.3f} "
-              f"{q_mc[s].std():>8.3f} {corr:>6.2f} {q_mc_se[s].mean():>7.3f}")
+              f"{q_mc[s].std():>8.3f} {corr:>6.2f} {q_mc_se[s].mean():>7.3f} {f_value:>6.2f} {p_value:>6.3f}")
+    f_value, p_value, df_action, df_noise = action_effect_f_test(returns, permutations=2000)
     print(f"{'all':>5} {q_critic.mean():>11.3f} {q_critic.std(-1).mean():>12.3f} {q_mc.mean():>8.3f} "
-          f"{q_mc.std(-1).mean():>8.3f} {np.nanmean(corrs):>6.2f} {q_mc_se.mean():>7.3f}")
+          f"{q_mc.std(-1).mean():>8.3f} {np.nanmean(corrs):>6.2f} {q_mc_se.mean():>7.3f} {f_value:>6.2f} "
+          f"{p_value:>6.3f}")
+    print(f"pooled test of an action effect over the states: F({df_action}, {df_noise}) = {f_value:.2f}, "
+          f"permutation p = {p_value:.3g} (2000 permutations; {1 / 2001:.1g} is the smallest it can say)")
     return 0
 
 

@@ -263,6 +263,39 @@ def test_discounted_returns_by_hand():
     np.testing.assert_allclose(got[:, 0], [1 + 0.25 * 2, 0.5 * 2, 2.0])
 
 
+def test_action_effect_f_test_matches_a_dummy_variable_regression():
+    from scipy.stats import f as f_distribution
+
+    from cvpo_jax.diagnostics import action_effect_f_test
+
+    rng = np.random.default_rng(0)
+    k, r = 5, 7
+    noise_only = rng.normal(size=(1, r)) * 3 + rng.normal(size=(k, r))  # a shared repeat effect, no action effect
+    with_effect = noise_only + np.arange(k)[:, None] * 0.8
+    for returns in (noise_only, with_effect):
+        # Independently: residual sums of squares of least squares on repeat dummies, with and without actions.
+        y = returns.ravel()
+        repeat = np.kron(np.ones((k, 1)), np.eye(r))
+        action = np.kron(np.eye(k), np.ones((r, 1)))[:, 1:]
+        rss = [np.sum((y - x @ np.linalg.lstsq(x, y, rcond=None)[0]) ** 2)
+               for x in (repeat, np.hstack([repeat, action]))]
+        expected_f = ((rss[0] - rss[1]) / (k - 1)) / (rss[1] / ((k - 1) * (r - 1)))
+        f_value, p_value, df_action, df_noise = action_effect_f_test(returns)
+        assert (df_action, df_noise) == (k - 1, (k - 1) * (r - 1))
+        np.testing.assert_allclose(f_value, expected_f, rtol=1e-9)
+        np.testing.assert_allclose(p_value, f_distribution.sf(expected_f, k - 1, (k - 1) * (r - 1)), rtol=1e-9)
+    assert action_effect_f_test(noise_only)[1] > 0.05 and action_effect_f_test(with_effect)[1] < 1e-4
+    # The permutation test agrees with the F distribution on normal noise and still finds the effect.
+    assert abs(action_effect_f_test(noise_only, permutations=4000)[1] - action_effect_f_test(noise_only)[1]) < 0.05
+    assert action_effect_f_test(with_effect, permutations=999)[1] == 1 / 1000
+    # Pooled over states: each state keeps its own means, the sums of squares and degrees of freedom add up.
+    pooled = action_effect_f_test(np.stack([noise_only, noise_only + 10.0]))
+    np.testing.assert_allclose(pooled[0], action_effect_f_test(noise_only)[0], rtol=1e-9)
+    assert pooled[2:] == (2 * (k - 1), 2 * (k - 1) * (r - 1))
+    # Every action gave every repeat the same return: nothing to test against.
+    assert np.isnan(action_effect_f_test(np.tile(rng.normal(size=(1, r)), (k, 1)))[0])
+
+
 def test_critic_check_compares_the_critics_with_monte_carlo_returns(learning_run, capsys):
     from cvpo_jax import diagnostics
 

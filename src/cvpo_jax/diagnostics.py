@@ -35,6 +35,45 @@ def discounted_returns(values: np.ndarray, gamma: float) -> np.ndarray:
     return out
 
 
+def action_effect_f_test(returns: np.ndarray, permutations: int = 0, seed: int = 0) -> tuple[float, float, int, int]:
+    """Is there an action effect beyond rollout noise? returns [K actions, R repeats] of one state, or
+    [S, K, R] for S states pooled (each state with its own action and repeat means).
+
+    Two-way analysis of variance without replication: action and repeat (its shared random numbers) as the two
+    factors, their interaction as the noise. Under "the action does not matter" F follows F(df_action, df_noise)
+    if the noise is normal. Costs are not (a car that stays in a hazard is a long tail), so with `permutations`
+    > 0 the p-value is a permutation test's instead: the actions of a state are drawn independently from one
+    policy, so under that hypothesis the K returns of one repeat are exchangeable, and shuffling them within
+    each repeat gives F's exact null distribution. Returns (F, p, df_action, df_noise); F and p are nan when
+    every action gave every repeat the same return (no noise to measure against: the action changed nothing).
+    """
+    returns = np.asarray(returns, np.float64)
+    returns = returns.reshape(-1, *returns.shape[-2:])  # [S, K, R]
+    s, k, r = returns.shape
+    df_action, df_noise = s * (k - 1), s * (k - 1) * (r - 1)
+
+    def f_statistic(g):  # g [..., S, K, R]
+        action_means, repeat_means = g.mean(-1, keepdims=True), g.mean(-2, keepdims=True)
+        grand = g.mean((-2, -1), keepdims=True)
+        ss_action = r * np.sum((action_means - grand) ** 2, axis=(-3, -2, -1))
+        ss_noise = np.sum((g - action_means - repeat_means + grand) ** 2, axis=(-3, -2, -1))
+        return ss_action, ss_noise
+
+    ss_action, ss_noise = f_statistic(returns)
+    if ss_noise <= 1e-12 * max(1.0, np.sum(returns ** 2)):
+        return float("nan"), float("nan"), df_action, df_noise
+    f_value = float((ss_action / df_action) / (ss_noise / df_noise))
+    if permutations > 0:
+        rng = np.random.default_rng(seed)
+        shuffled = rng.permuted(np.broadcast_to(returns, (permutations, s, k, r)), axis=-2)  # within each repeat
+        perm_action, perm_noise = f_statistic(shuffled)
+        perm_f = (perm_action / df_action) / np.maximum(perm_noise / df_noise, 1e-300)
+        return f_value, float((1 + np.sum(perm_f >= f_value * (1 - 1e-12))) / (1 + permutations)), df_action, df_noise
+    from scipy.stats import f as f_distribution
+
+    return f_value, float(f_distribution.sf(f_value, df_action, df_noise)), df_action, df_noise
+
+
 def critic_check(run_dir: str, episodes: int = 8) -> list[dict[str, float]]:
     """Per member: mean Q_c, Monte-Carlo discounted cost, mean Q_r, Monte-Carlo discounted reward."""
     import jax

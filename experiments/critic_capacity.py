@@ -1,0 +1,117 @@
+"""Would a wider cost critic see the action effect the run's critic misses?
+
+    python experiments/critic_capacity.py run=runs/suite_cpu/car_goal-cvpo points=<file.npz>
+        [hidden=64x64,256x256] [updates=20000] [seed=0]
+
+`experiments/action_dependence.py ... save=<file.npz>` measures Monte-Carlo Q_c(s, a) for K actions at S states
+of one member and saves them. This fits fresh cost critics of each width in `hidden` to that member's final
+replay buffer, the way the run trains its own (one-step targets y = c + γ Q'_c(s', a'), a' from the member's
+final policy, Polyak-averaged target critic, Adam at the run's critic learning rate and batch size), for
+`updates` steps, and compares each with the Monte-Carlo values at the saved (state, action) pairs: the mean
+level, the spread over the actions of a state, and the correlation over the actions with the Monte-Carlo means.
+The run's own critic is printed beside them. A fresh critic at the run's width is the control: fitted the
+same way on the same data, what it shows is what the width alone changes. Fitting on the final buffer is
+policy evaluation on fixed data, not the run's moving target, so this says what the data and the width allow,
+not what the run would have learned. Measurement only: it prints figures and writes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+
+def main(argv: list[str]) -> int:
+    from cvpo_jax.cli import exit_on_bad_input, parse_options
+
+    with exit_on_bad_input():
+        options = parse_options(argv, {"run": "", "points": "", "hidden": "64x64,256x256", "updates": "20000",
+                                       "seed": "0"})
+        try:
+            updates, seed = int(options["updates"]), int(options["seed"])
+            widths = [tuple(int(n) for n in h.split("x")) for h in options["hidden"].split(",")]
+        except ValueError:
+            widths, updates = [], 0
+        if updates < 1 or not widths or any(n < 1 for w in widths for n in w):
+            raise ValueError(f"updates={options['updates']}, seed={options['seed']}, hidden={options['hidden']}: "
+                             "need integers, updates ≥ 1 and widths like 64x64,256x256")
+        try:
+            points = np.load(options["points"])
+            missing = {"obs", "actions", "returns", "q_critic", "member"} - set(points.files)
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"points={options['points']}: not an .npz written by experiments/action_dependence.py "
+                             f"save= ({e})") from None
+        if missing:
+            raise ValueError(f"points={options['points']}: lacks {sorted(missing)}; write it with "
+                             "experiments/action_dependence.py save=")
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from cvpo_jax import critics, networks, policy, saved_run
+    from cvpo_jax.core import replay
+    from cvpo_jax.core.gradients import gradient_step
+
+    with exit_on_bad_input():
+        run = saved_run.load(options["run"])
+    cfg, env = run.cfg, run.env
+    if cfg.algo != "cvpo":
+        print(f"error: run={options['run']}: needs a CVPO run (its config says algo={cfg.algo})", file=sys.stderr)
+        return 2
+    member = int(points["member"])
+    obs, actions, returns = (np.asarray(points[k]) for k in ("obs", "actions", "returns"))  # [S,O] [S,K,A] [S,K,R]
+    q_mc = returns.mean(-1)  # [S, K]
+    c = cfg.cvpo
+    take = lambda tree: jax.tree.map(lambda x: x[member], tree)  # noqa: E731
+    params = take(run.state.learner.params)
+    buffer = take(run.state.replay)
+    run_nets = networks.make_networks(env.observation_size, env.action_size, hidden=tuple(cfg.network.hidden),
+                                      covariance=cfg.network.covariance)
+    optimizer = optax.adam(c.critic_lr)
+    flat_obs = jnp.repeat(jnp.asarray(obs), actions.shape[1], axis=0)  # [S·K, O]
+    flat_actions = jnp.asarray(actions.reshape(-1, actions.shape[-1]))  # [S·K, A]
+
+    def fit(width, key):
+        nets = networks.make_networks(env.observation_size, env.action_size, hidden=width,
+                                      covariance=cfg.network.covariance)
+        init_key, loop_key = jax.random.split(key)
+        critic = nets.cost_critic.init(init_key, jnp.zeros((1, env.observation_size)),
+                                       jnp.zeros((1, env.action_size)))
+
+        def step(carry, k):
+            critic, target, opt_state = carry
+            sample_key, action_key = jax.random.split(k)
+            batch = replay.sample(buffer, sample_key, c.batch_size)
+            next_dist = run_nets.policy.apply(params.policy, batch.next_obs)
+            next_action = jnp.clip(policy.sample(next_dist, action_key, 1)[:, 0], -1.0, 1.0)
+            next_q = nets.cost_critic.apply(target, batch.next_obs, next_action)
+            y = critics.cost_target(batch.cost, batch.terminated, next_q, c.gamma, mask_done=True)
+            out = gradient_step(critics.cost_critic_loss, critic, opt_state, optimizer, nets.cost_critic.apply,
+                                batch.obs, batch.action, y, has_aux=True)
+            return (out.params, critics.polyak_update(target, out.params, c.polyak), out.opt_state), out.loss
+
+        (critic, _, _), losses = jax.lax.scan(step, (critic, critic, optimizer.init(critic)),
+                                              jax.random.split(loop_key, updates))
+        q = nets.cost_critic.apply(critic, flat_obs, flat_actions).reshape(q_mc.shape)
+        return q, losses[-1000:].mean()
+
+    def report(name, q, loss=None):
+        corrs = [np.corrcoef(q[s], q_mc[s])[0, 1] for s in range(len(q))
+                 if np.std(q[s]) > 0 and np.std(q_mc[s]) > 0]
+        loss_text = "" if loss is None else f"{loss:>10.4f}"
+        print(f"{name:>22} {q.mean():>8.3f} {q.std(-1).mean():>9.3f} {np.mean(corrs):>8.2f} {loss_text}")
+
+    print(f"cvpo on {cfg.env}, member {member}, checkpoint iteration {run.iteration}; replay {int(buffer.size)} "
+          f"transitions; {q_mc.shape[0]} states × {q_mc.shape[1]} actions; fresh critics fitted for {updates} updates")
+    print(f"{'cost critic':>22} {'mean Q_c':>8} {'std_a':>9} {'corr_a':>8} {'TD loss':>10}")
+    report("Monte-Carlo", q_mc)
+    report(f"run's own {'x'.join(map(str, cfg.network.hidden))}", np.asarray(points["q_critic"]))
+    for i, width in enumerate(widths):
+        q, loss = jax.device_get(jax.jit(fit, static_argnums=0)(width, jax.random.PRNGKey(seed + i)))
+        report(f"fresh {'x'.join(map(str, width))}", np.asarray(q, np.float64), float(loss))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
