@@ -4,11 +4,12 @@
 
 Plays `episodes` episodes per member of the run's last checkpoint twice on the same layouts and starts: once
 with the policy mean (what the evaluations report) and once with the exploring policy (what training runs
-and the E-step constrains). Prints per member and mode the episode reward, the episode cost, and how far the
-robot moves per env step (the path length of its body's xy). The hypothesis it tests: on a differential-drive
-Car, independent noise on the two wheels averages out to a slower walk, so the exploring
-policy covers less ground and meets fewer hazards than its own mean. Measurement only: it prints figures
-and writes nothing.
+and the E-step constrains). Prints per member and mode the episode reward, the episode cost, how far the
+robot moves per env step (the path length of its body's xy), the mean |action|, and the share of steps with
+an action component at the edge of the box [-1, 1] (for the mean: a policy mean outside the box). The
+hypothesis it tests: on a differential-drive Car, independent noise on the two wheels averages out to a
+slower walk, so the exploring policy covers less ground and meets fewer hazards than its own mean.
+Measurement only: it prints figures and writes nothing.
 """
 
 from __future__ import annotations
@@ -54,24 +55,29 @@ def main(argv: list[str]) -> int:
             new = episode_env.step(state, action)
             moved = jnp.linalg.norm(jax.vmap(env.robot_xy)(new.pipeline_state)
                                     - jax.vmap(env.robot_xy)(state.pipeline_state), axis=-1)
-            out = (new.reward * alive, new.info["cost"] * alive, moved * alive, alive)
+            size = jnp.abs(action).mean(-1)  # mean |a| over the action's components, [episodes]
+            saturated = (jnp.abs(action) >= 0.999).any(-1)  # a component at the box's edge
+            out = (new.reward * alive, new.info["cost"] * alive, moved * alive, size * alive, saturated * alive, alive)
             return (new, alive * (1.0 - new.done)), out
 
-        _, (reward, cost, moved, alive) = jax.lax.scan(step, (state, jnp.ones(episodes)),
+        _, (reward, cost, moved, size, saturated, alive) = jax.lax.scan(step, (state, jnp.ones(episodes)),
                                                        jax.random.split(act_key, cfg.episode_length))
-        return reward.sum(0), cost.sum(0), moved.sum(0) / jnp.maximum(alive.sum(0), 1.0)  # each [episodes]
+        steps = jnp.maximum(alive.sum(0), 1.0)
+        return reward.sum(0), cost.sum(0), moved.sum(0) / steps, size.sum(0) / steps, saturated.sum(0) / steps
 
     print(f"{cfg.algo} on {cfg.env}, checkpoint iteration {run.iteration}, {episodes} episodes per member and mode "
           f"on the same layouts; cost limit {cfg.cost_limit}")
-    print(f"{'member':>6} {'policy':>9} {'reward':>14} {'cost':>14} {'metres per step':>16}")
+    print(f"{'member':>6} {'policy':>9} {'reward':>14} {'cost':>14} {'metres per step':>18} {'mean |a|':>8} "
+          f"{'saturated':>9}")
     key = jax.random.PRNGKey(seed)
     for m in range(members):
         params = jax.tree.map(lambda x: x[m], run.state.learner.params)
         for name, deterministic in (("mean", True), ("exploring", False)):
-            reward, cost, moved = (np.asarray(x, np.float64) for x in jax.device_get(play(params, key, deterministic)))
+            reward, cost, moved, size, saturated = (np.asarray(x, np.float64)
+                                                    for x in jax.device_get(play(params, key, deterministic)))
             se = lambda x: x.std() / np.sqrt(len(x))  # noqa: E731
             print(f"{m:>6} {name:>9} {reward.mean():>7.1f} ± {se(reward):>4.1f} {cost.mean():>7.1f} ± {se(cost):>4.1f} "
-                  f"{moved.mean():>9.4f} ± {se(moved):.4f}")
+                  f"{moved.mean():>9.4f} ± {se(moved):.4f} {size.mean():>8.3f} {saturated.mean():>9.2f}")
     return 0
 
 
