@@ -254,6 +254,12 @@ def test_period_means_weigh_chunks_by_their_updates():
     np.testing.assert_allclose(out["train/episode_length"], [400, 300])
     np.testing.assert_allclose(out["train/terminated"], [0, 1 / 3])
     np.testing.assert_allclose(out["train/reused_resets"], [0, 2])
+    # A member with no episode ended in the period has no episode means (nan), not a free episode (0).
+    period["train/episodes"] = [np.array([0, 1]), np.array([0, 2])]
+    out = run._mean_period(period)
+    assert np.isnan(out["train/episode_cost"][0]) and np.isnan(out["train/episode_reward"][0])
+    np.testing.assert_allclose(out["train/episode_cost"][1], 2.0 / 3)
+    np.testing.assert_allclose(out["train/episodes"], [0, 3])
 
 
 def test_discounted_returns_by_hand():

@@ -180,13 +180,16 @@ def _mean_period(period: dict[str, list]) -> dict[str, np.ndarray]:
     total = np.sum(weights, axis=0)
     out = {k: np.where(total > 0, np.sum(np.stack(v) * weights, 0) / np.maximum(total, 1), np.mean(np.stack(v), 0))
            for k, v in period.items() if not k.startswith("train/")}
-    episodes = np.maximum(summed.get("train/episodes", 0), 1)
-    out["train/episode_reward"] = summed["train/episode_reward"] / episodes
-    out["train/episode_cost"] = summed["train/episode_cost"] / episodes
+    # A period in which no training episode ended (the short last one before the final evaluation) has no
+    # episode means: nan, not 0, which would read as an episode that cost nothing.
+    finished = np.asarray(summed["train/episodes"])
+    per_episode = lambda total: np.where(finished > 0, total / np.maximum(finished, 1), np.nan)  # noqa: E731
+    out["train/episode_reward"] = per_episode(summed["train/episode_reward"])
+    out["train/episode_cost"] = per_episode(summed["train/episode_cost"])
     out["train/episodes"] = summed["train/episodes"]
-    out["train/episode_length"] = summed["train/episode_length"] / episodes
+    out["train/episode_length"] = per_episode(summed["train/episode_length"])
     # The fraction of the period's episodes that the task ended (a death, a fall) before the time limit.
-    out["train/terminated"] = summed["train/terminations"] / episodes
+    out["train/terminated"] = per_episode(summed["train/terminations"])
     out["train/reused_resets"] = summed["train/reused_resets"]
     out["train/updates"] = summed["train/updates"]
     return out
