@@ -43,6 +43,19 @@ def test_convergence_costs_are_the_last_fifth_of_training_of_all_seeds():
     assert row["cumulative_cost_mean"] == pytest.approx(np.mean(np.sum((costs[:, 1:] + 1.0) * 5.0, axis=1)))
 
 
+def test_training_curves_skip_periods_in_which_no_episode_ended():
+    steps = np.arange(0, 5) * 100
+    costs = np.full((2, 5), 4.0)
+    data = _data(costs, costs, steps)
+    last = data["env_steps"] == 400
+    data["train/episodes"][last & (data["member"] == 0)] = 0.0  # member 0's last period: no episode ended,
+    data["train/episode_cost"][last & (data["member"] == 0)] = 0.0  # logged as 0 before bb847b3
+    got_steps, got = suite.training_series(data, "train/episode_cost")
+    np.testing.assert_array_equal(got_steps, [100, 200, 300, 400])  # the row before any training is left out
+    assert np.isnan(got[0, -1]) and got[1, -1] == 5.0
+    np.testing.assert_array_equal(got[:, :-1], 5.0)
+
+
 def test_report_writes_every_figure_and_the_table(tmp_path):
     import csv
 

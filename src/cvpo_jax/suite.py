@@ -245,6 +245,15 @@ def member_series(data: dict[str, np.ndarray], key: str) -> tuple[np.ndarray, np
     return data["env_steps"][data["member"] == members[0]][:length], np.stack([s[:length] for s in series])
 
 
+def training_series(data: dict[str, np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """`member_series` of a training-episode metric: without the first row (before any training) and nan
+    where no training episode ended in the period (metrics.csv files written before bb847b3 hold 0 there)."""
+    steps, values = member_series(data, key)
+    _, episodes = member_series(data, "train/episodes")
+    values = np.where(episodes > 0, values, np.nan)
+    return steps[1:], values[:, 1:]
+
+
 def cumulative_costs(data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Env steps [T] and the training cost paid so far per member [M, T]."""
     from cvpo_jax.plots import cumulative_training_cost
@@ -340,9 +349,7 @@ def write_report(out: str, tasks: Sequence[str], algos: Sequence[str]) -> list[s
             axes[3].plot(steps, mean, color=colours[algo], lw=2)
             axes[3].fill_between(steps, mean - std, mean + std, color=colours[algo], alpha=0.15)
             for ax, key in zip(axes, ("eval/episode_reward", "eval/episode_cost", "train/episode_cost")):
-                steps, values = member_series(data, key)
-                if key.startswith("train/"):  # the first row is before any training
-                    steps, values = steps[1:], values[:, 1:]
+                steps, values = (training_series if key.startswith("train/") else member_series)(data, key)
                 mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
                 ax.plot(steps, mean, color=colours[algo], lw=2, label=f"{algo} ({values.shape[0]} seeds)")
                 ax.fill_between(steps, mean - std, mean + std, color=colours[algo], alpha=0.15)
