@@ -49,13 +49,13 @@ def main(argv: list[str]) -> int:
 
     with exit_on_bad_input():
         run = saved_run.load(options["run"])
+        params = run.member_params(member)
     cfg, env, trainer = run.cfg, run.env, run.trainer
     algorithm = algorithms.get(cfg.algo)
-    if algorithm.trainer != algorithms.REPLAY or not 0 <= member < run.members.size:
-        print(f"error: run={options['run']}: needs a replay method's run and member in 0..{run.members.size - 1}",
+    if algorithm.trainer != algorithms.REPLAY:
+        print(f"error: run={options['run']}: needs a replay method's run (its config says algo={cfg.algo})",
               file=sys.stderr)
         return 2
-    params = jax.tree.map(lambda x: x[member], run.state.learner.params)
     nets = networks.make_networks(env.observation_size, env.action_size, hidden=tuple(cfg.network.hidden),
                                   covariance=cfg.network.covariance)
     gamma = float(algorithms.config_value(cfg, algorithm.gamma_key))

@@ -32,14 +32,11 @@ def main(argv: list[str]) -> int:
 
     with exit_on_bad_input():
         run = saved_run.load(options["run"])
+        params = run.member_params(member)
     cfg, env, trainer = run.cfg, run.env, run.trainer
-    if not 0 <= member < run.members.size:
-        print(f"error: member={member}: the run has members 0..{run.members.size - 1}", file=sys.stderr)
-        return 2
     gamma = float(algorithms.config_value(cfg, algorithms.get(cfg.algo).gamma_key))
     limit = cfg.episode_length
     total = limit + math.ceil(math.log(0.01) / math.log(gamma))
-    params = jax.tree.map(lambda x: x[member], run.state.learner.params)
     long_env = EpisodeWrapper(VmapWrapper(env), total + 1, 1)
 
     @jax.jit

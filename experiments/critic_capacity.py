@@ -51,6 +51,7 @@ def main(argv: list[str]) -> int:
 
     from cvpo_jax import critics, networks, policy, saved_run
     from cvpo_jax.core import replay
+    from cvpo_jax.core.members import one_member
     from cvpo_jax.core.gradients import gradient_step
 
     with exit_on_bad_input():
@@ -60,12 +61,12 @@ def main(argv: list[str]) -> int:
         print(f"error: run={options['run']}: needs a CVPO run (its config says algo={cfg.algo})", file=sys.stderr)
         return 2
     member = int(points["member"])
+    with exit_on_bad_input():
+        params = run.member_params(member)
     obs, actions, returns = (np.asarray(points[k]) for k in ("obs", "actions", "returns"))  # [S,O] [S,K,A] [S,K,R]
     q_mc = returns.mean(-1)  # [S, K]
     c = cfg.cvpo
-    take = lambda tree: jax.tree.map(lambda x: x[member], tree)  # noqa: E731
-    params = take(run.state.learner.params)
-    buffer = take(run.state.replay)
+    buffer = one_member(run.state.replay, member)
     run_nets = networks.make_networks(env.observation_size, env.action_size, hidden=tuple(cfg.network.hidden),
                                       covariance=cfg.network.covariance)
     optimizer = optax.adam(c.critic_lr)

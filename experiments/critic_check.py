@@ -46,12 +46,13 @@ def main(argv: list[str]) -> int:
     hidden = int(options["hidden"])
     if options["run"]:
         from cvpo_jax import saved_run
+        from cvpo_jax.core.members import one_member
 
         run = saved_run.load(options["run"])
         cfg, env, trainer, restored = run.cfg, run.env, run.trainer, run.state
         options["env"] = cfg.env
         member = int(options["member"])
-        policy_params = jax.tree.map(lambda x: x[member], restored.learner.params)
+        policy_params = one_member(restored.learner.params, member)
 
         def act(obs, key):  # the run's exploring policy (one member), as in training
             return trainer.learner.act(policy_params, obs, key)

@@ -28,6 +28,7 @@ def main(argv: list[str]) -> int:
 
     from cvpo_jax import saved_run
     from cvpo_jax.core import replay
+    from cvpo_jax.core.members import one_member
     from cvpo_jax.cvpo import make_cvpo
 
     with exit_on_bad_input():
@@ -55,8 +56,8 @@ def main(argv: list[str]) -> int:
             return solution.infeasible, jnp.mean(q_c), expected, solution.lam, spread
 
         for m in range(members.size):
-            member = jax.tree.map(lambda x: x[m], run.state)
-            settings = jax.tree.map(lambda x: x[m], members.settings())
+            member = one_member(run.state, m)
+            settings = one_member(members.settings(), m)
             rows = [jax.device_get(solve(member.learner, member.replay, settings,
                                          jax.random.fold_in(jax.random.PRNGKey(m), b)))
                     for b in range(batches)]  # the same batches for every K: the sample key does not depend on K

@@ -49,19 +49,22 @@ def main(argv: list[str]) -> int:
         # The same reset keys for both modes: the same layouts and starting poses.
         state = episode_env.reset(jax.random.split(reset_key, episodes))
 
+        robot_xy = jax.vmap(env.robot_xy)
+
         def step(carry, k):
-            state, alive = carry
+            state, xy, alive = carry  # xy: [episodes, 2], the robot's position in `state`, carried to read it once
             action = trainer.learner.act(params, state.obs, k, deterministic=deterministic)
             new = episode_env.step(state, action)
-            moved = jnp.linalg.norm(jax.vmap(env.robot_xy)(new.pipeline_state)
-                                    - jax.vmap(env.robot_xy)(state.pipeline_state), axis=-1)
+            new_xy = robot_xy(new.pipeline_state)
+            moved = jnp.linalg.norm(new_xy - xy, axis=-1)
             size = jnp.abs(action).mean(-1)  # mean |a| over the action's components, [episodes]
             saturated = (jnp.abs(action) >= 0.999).any(-1)  # a component at the box's edge
             out = (new.reward * alive, new.info["cost"] * alive, moved * alive, size * alive, saturated * alive, alive)
-            return (new, alive * (1.0 - new.done)), out
+            return (new, new_xy, alive * (1.0 - new.done)), out
 
-        _, (reward, cost, moved, size, saturated, alive) = jax.lax.scan(step, (state, jnp.ones(episodes)),
-                                                       jax.random.split(act_key, cfg.episode_length))
+        start = (state, robot_xy(state.pipeline_state), jnp.ones(episodes))
+        _, (reward, cost, moved, size, saturated, alive) = jax.lax.scan(step, start,
+                                                                        jax.random.split(act_key, cfg.episode_length))
         steps = jnp.maximum(alive.sum(0), 1.0)
         return reward.sum(0), cost.sum(0), moved.sum(0) / steps, size.sum(0) / steps, saturated.sum(0) / steps
 
@@ -71,7 +74,7 @@ def main(argv: list[str]) -> int:
           f"{'saturated':>9}")
     key = jax.random.PRNGKey(seed)
     for m in range(members):
-        params = jax.tree.map(lambda x: x[m], run.state.learner.params)
+        params = run.member_params(m)
         for name, deterministic in (("mean", True), ("exploring", False)):
             reward, cost, moved, size, saturated = (np.asarray(x, np.float64)
                                                     for x in jax.device_get(play(params, key, deterministic)))

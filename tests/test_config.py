@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cvpo_jax.config import ConfigError, RunConfig, load_config, to_yaml
-from cvpo_jax.core.members import SweepMembers
+from cvpo_jax.core.members import SweepMembers, one_member
 
 NAMES = ["point_goal", "car_circle", "speed_limit"]
 
@@ -114,6 +114,9 @@ def test_sweep_members_cross_limits_with_seeds():
     first, later = np.asarray(members.eval_keys(0)), np.asarray(members.eval_keys(10))
     assert not (first == later).all() and not (first[0] == keys[0]).all()
     assert members.labels()[5] == "member 5 (seed 4, cost limit 20)"
+    fifth = one_member(settings, 5)  # the slice every saved-run tool takes of stacked state
+    assert float(fifth.cost_limit) == 20.0 and float(fifth.cost_threshold) == pytest.approx(expected[5])
+    assert one_member({"w": np.arange(12).reshape(6, 2)}, 4)["w"].tolist() == [8, 9]
 
 
 def test_sweep_members_use_the_algorithms_own_discount():

@@ -269,6 +269,32 @@ def test_discounted_returns_by_hand():
     np.testing.assert_allclose(got[:, 0], [1 + 0.25 * 2, 0.5 * 2, 2.0])
 
 
+def test_weighted_spread_of_an_exponential_tilt_keeps_the_variance_and_adds_the_shift():
+    from cvpo_jax.diagnostics import weighted_spread
+
+    rng = np.random.default_rng(1)
+    b, k, sigma = 4, 200_000, np.array([[0.5, 2.0]])
+    mean = np.array([[1.0, -3.0]])
+    particles = mean[:, None] + sigma[:, None] * rng.normal(size=(b, k, 2))  # [B, K, A]
+    g = np.array([0.8, -0.1])  # a score linear in the action: q ∝ exp(g · a)
+    logits = particles @ g
+    weights = np.exp(logits - logits.max(1, keepdims=True))
+    weights /= weights.sum(1, keepdims=True)
+    got = weighted_spread(particles, weights, np.repeat(mean, b, 0), np.repeat(sigma, b, 0))
+    # The tilted Gaussian: variance σ², mean moved by σ² g, i.e. σ g in units of σ.
+    shift_sq = np.mean((sigma[0] * g) ** 2)
+    np.testing.assert_allclose(got["tilted_variance"], 1.0, atol=0.02)
+    np.testing.assert_allclose(got["shift_sq"], shift_sq, rtol=0.05)
+    np.testing.assert_allclose(got["target_to_old"], 1.0 + shift_sq, rtol=0.02)
+    np.testing.assert_allclose(got["uniform_to_old"], 1.0, atol=0.01)
+    # A score peaked at the old mean narrows the target: q ∝ exp(−z²/2) halves the variance.
+    z = (particles - mean[:, None]) / sigma[:, None]
+    peaked = np.exp(-0.5 * np.sum(z**2, -1))
+    peaked /= peaked.sum(1, keepdims=True)
+    np.testing.assert_allclose(weighted_spread(particles, peaked, np.repeat(mean, b, 0),
+                                               np.repeat(sigma, b, 0))["target_to_old"], 0.5, atol=0.02)
+
+
 def test_action_effect_f_test_matches_a_dummy_variable_regression():
     from scipy.stats import f as f_distribution
 
@@ -325,6 +351,11 @@ def test_saved_run_restores_the_last_checkpoint_and_says_when_there_is_none(lear
     assert loaded.iteration == checkpoint.latest_iteration(learning_run) > 0 and loaded.members.size == 2
     # The restored state is the checkpoint's, not a fresh one: its replay holds the run's transitions.
     assert int(np.min(np.asarray(loaded.state.replay.size))) > 0
+    second = jax.tree.leaves(loaded.member_params(1))
+    assert [leaf.shape for leaf in second] == [leaf.shape[1:] for leaf in jax.tree.leaves(loaded.state.learner.params)]
+    np.testing.assert_array_equal(second[0], jax.tree.leaves(loaded.state.learner.params)[0][1])
+    with pytest.raises(ValueError, match=r"member=2: the run has members 0\.\.1"):
+        loaded.member_params(2)
     with pytest.raises(ValueError, match="no config.yaml"):
         saved_run.load(str(tmp_path))
     shutil.copy(os.path.join(learning_run, "config.yaml"), tmp_path / "config.yaml")

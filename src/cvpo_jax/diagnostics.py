@@ -74,6 +74,34 @@ def action_effect_f_test(returns: np.ndarray, permutations: int = 0, seed: int =
     return f_value, float(f_distribution.sf(f_value, df_action, df_noise)), df_action, df_noise
 
 
+def weighted_spread(particles: np.ndarray, weights: np.ndarray, old_mean: np.ndarray,
+                    old_std: np.ndarray) -> dict[str, float]:
+    """Where the E-step's q* puts the M-step's covariance target, relative to the old policy's variance.
+
+    CVPO's covariance head is fitted around the *old* mean (mstep.py, MPO's decoupling), so its per-dimension
+    target is the q*-weighted second moment m2 = Σ_k w_k (a_k − μ_old)²; the fitted σ moves towards √m2.
+    Under an exponential tilt of a Gaussian (q* ∝ π_old · exp(g·a), a score linear in the action) the
+    tilted distribution keeps the variance σ² and moves its mean by σ² g, so m2 = σ² + shift²: a linear score
+    widens the target, only a score curved around μ_old narrows it.
+
+    Args:
+      particles: [B, K, A] actions drawn from the old policy. weights: [B, K] q* on them, rows summing to 1.
+      old_mean, old_std: [B, A] the old policy's mean and per-dimension standard deviation.
+
+    Returns, averaged over states and dimensions (each a ratio to σ_old² or in units of σ_old):
+      "target_to_old": m2 / σ² (> 1: the M-step pulls σ up);
+      "uniform_to_old": the same with uniform weights (sampling noise alone; 1 in expectation);
+      "shift_sq": ((E_q[a] − μ_old) / σ)², the squared mean shift, m2/σ² = variance part + this;
+      "tilted_variance": Var_q(a) / σ² about q*'s own mean (what a free Gaussian fit would take).
+    """
+    z = (particles - old_mean[:, None, :]) / old_std[:, None, :]  # [B, K, A] in units of σ_old
+    w = weights[:, :, None]  # [B, K, 1]
+    target = np.sum(w * z**2, axis=1)  # [B, A]
+    shift = np.sum(w * z, axis=1)  # [B, A]
+    return {"target_to_old": float(np.mean(target)), "uniform_to_old": float(np.mean(z**2)),
+            "shift_sq": float(np.mean(shift**2)), "tilted_variance": float(np.mean(target - shift**2))}
+
+
 def critic_check(run_dir: str, episodes: int = 8) -> list[dict[str, float]]:
     """Per member: mean Q_c, Monte-Carlo discounted cost, mean Q_r, Monte-Carlo discounted reward."""
     import jax

@@ -28,12 +28,11 @@ def _parse(argv: Sequence[str]) -> dict[str, str]:
 
 def draw_policy_rollout(trainer, params, member: int, path: str, title: str, seed: int = 0) -> None:
     """One episode of the policy mean of `member`, drawn top-down to `path`."""
-    import jax
-
     from cvpo_jax import envs
+    from cvpo_jax.core.members import one_member
     from cvpo_jax.envs import render
 
-    params = jax.tree.map(lambda x: x[member], params)
+    params = one_member(params, member)
 
     def policy(obs, key):
         return trainer.learner.act(params, obs[None], key, deterministic=True)[0]

@@ -24,6 +24,15 @@ class SavedRun:
     iteration: int  # iterations done per member at the restored checkpoint; 0: the run's start
     state: Any  # the training state, members stacked on the leading axis
 
+    def member_params(self, member: int) -> Any:
+        """The learner parameters of sweep member `member` (unstacked); ValueError (one line) when the run has
+        no such member."""
+        from cvpo_jax.core.members import one_member
+
+        if not 0 <= member < self.members.size:
+            raise ValueError(f"member={member}: the run has members 0..{self.members.size - 1}")
+        return one_member(self.state.learner.params, member)
+
 
 def load(run_dir: str, cfg: Optional[RunConfig] = None, from_start_if_no_checkpoint: bool = False) -> SavedRun:
     """Rebuild the run in `run_dir` and restore its newest checkpoint.

@@ -8,7 +8,7 @@ benchmarks and both trainers read this object instead of working the order out a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,12 @@ def cost_threshold_from_episode_limit(limit: float, episode_length: int, gamma: 
     if gamma == 1.0:  # the limit of the formula as γ → 1: no discounting
         return float(limit) / episode_length
     return float(limit) * (1.0 - gamma**episode_length) / (episode_length * (1.0 - gamma))
+
+
+def one_member(stacked: Any, member: int) -> Any:
+    """Member `member`'s slice of a pytree whose leaves are stacked over the members on the leading axis
+    (training state, parameters, replay, `SweepMembers.settings()`)."""
+    return jax.tree.map(lambda leaf: leaf[member], stacked)
 
 
 @dataclass(frozen=True)
