@@ -105,6 +105,36 @@ def test_time_limited_task_matches_stepping_it_by_hand():
     np.testing.assert_array_equal(state.steps, [0, 0])
 
 
+def test_staggered_clocks_spread_the_envs_over_the_episode_and_count_only_full_episodes():
+    """T 6, E 3: envs 1 and 2 first run 4 and 2 steps; then every env's episodes are 6 steps, ending at
+    evenly spread iterations, and only full-length episodes reach the metrics."""
+    from cvpo_jax.core.acting import first_episode_clocks
+
+    np.testing.assert_array_equal(first_episode_clocks(6, 3, stagger=True), [0, -4, -2])
+    np.testing.assert_array_equal(first_episode_clocks(6, 3, stagger=False), [0, 0, 0])
+    acting = make_acting(TerminatesOnRequest(), episode_length=6, num_envs=3, refill_period=6, stagger=True)
+    reset, step = jax.jit(acting.reset), jax.jit(acting.step)
+    state, key = reset(jax.random.PRNGKey(0)), jax.random.PRNGKey(1)
+    ends, truncations, counted = [], [], []
+    for i in range(18):
+        out = step(state, jnp.array([KEEP] * 3), jnp.int32(i), key)
+        ends.append(np.asarray(out.ended))
+        truncations.append(np.asarray(out.transition.truncated))
+        counted.append((int(out.finished["episodes"]), int(out.finished["episode_length"]),
+                        float(out.finished["episode_reward"])))
+        assert int(out.finished["reused_resets"]) == 0  # each env ends once per refill period
+        state = out.envs
+    end_steps = [np.flatnonzero(np.array(ends)[:, e]).tolist() for e in range(3)]
+    assert end_steps == [[5, 11, 17], [3, 9, 15], [1, 7, 13]]  # 0-based iterations: 6 apart, 2 between envs
+    np.testing.assert_array_equal(np.array(truncations), np.array(ends, dtype=float))  # truncations, bootstrapped
+    # The shortened first episodes (iterations 1 and 3) are not counted; every counted one has 6 steps and the
+    # toy's reward of 1 per step.
+    assert counted[1] == (0, 0, 0.0) and counted[3] == (0, 0, 0.0)
+    assert [c for c in counted if c[0]] == [(1, 6, 6.0)] * 7
+    # At any iteration from the first restarts on, the three envs sit 2 steps apart in their episodes.
+    assert sorted(np.asarray(state.steps).tolist()) == [0, 2, 4]
+
+
 def test_evaluation_stops_counting_at_a_termination():
     """Policy: terminate at once in member-env 0, never in env 1; reward 1 per step, episode length 5."""
     def act(params, obs, key, deterministic):

@@ -35,7 +35,10 @@ def policy(obs: jax.Array) -> jax.Array:
 def config(**fields) -> RunConfig:
     cfg = RunConfig(env="toy", episode_length=EPISODE, cost_limit=1.0, num_envs=NUM_ENVS, warmup_env_steps=0,
                     chunk_env_steps=NUM_ENVS * 40, total_env_steps=NUM_ENVS * 40, eval_episodes=2,
-                    replay_capacity=NUM_ENVS * 40, reset_refill_period=2)
+                    replay_capacity=NUM_ENVS * 40, reset_refill_period=2,
+                    # The flags below are read off the toy's own step counter, which a staggered first episode
+                    # (tests/test_acting.py) would cut short.
+                    stagger_episode_clocks=False)
     for k, v in fields.items():
         setattr(cfg, k, v)
     return cfg
@@ -85,6 +88,25 @@ def test_replay_trainer_stores_terminations_and_truncations_apart_and_counts_epi
         # Every step costs 1, so an episode's cost is its length.
         assert float(metrics["train/episode_cost"][m]) == float(metrics["train/episode_length"][m])
         assert int(metrics["train/reused_resets"][m]) == 0  # episodes of 3 steps or more: at most 4 endings between refills
+
+
+def test_both_trainers_start_their_envs_on_staggered_clocks_by_default():
+    from cvpo_jax.core.acting import first_episode_clocks
+
+    learner = OffPolicyLearner(init=lambda key: _Params(), update=lambda state, batch, s, key: (state, {}),
+                               act=lambda params, obs, key, deterministic=False: policy(obs), batch_size=8)
+    cfg = config(stagger_episode_clocks=RunConfig().stagger_episode_clocks)
+    assert cfg.stagger_episode_clocks
+    spread = np.asarray(first_episode_clocks(EPISODE, NUM_ENVS, stagger=True))
+    assert len(set(spread.tolist())) == NUM_ENVS
+    state = make_replay_trainer(cfg, TerminatesOnRequest(), learner).init(jax.random.split(jax.random.PRNGKey(0), 2))
+    np.testing.assert_array_equal(np.asarray(state.envs.steps), [spread, spread])
+    on_policy = OnPolicyLearner(init=lambda key: _Params(),
+                                act=lambda params, obs, key, deterministic=False: policy(obs),
+                                explore=lambda state, obs, key, s: (policy(obs), jnp.zeros(obs.shape[0]), {}),
+                                update=lambda state, rollout, episode_cost, s, key: (state, {}))
+    state = make_rollout_trainer(cfg, TerminatesOnRequest(), on_policy).init(jax.random.split(jax.random.PRNGKey(0), 1))
+    np.testing.assert_array_equal(np.asarray(state.envs.steps), [spread])
 
 
 class _Params(struct.PyTreeNode):

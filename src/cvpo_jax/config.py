@@ -278,6 +278,13 @@ class RunConfig:
     whose episode ended (terminated or truncated) restarts from (core/acting.py): a refill is one vmapped reset.
     An env whose episodes end twice between refills restarts from the same state again (train/reused_resets).
     None: 16 for a task that can terminate, the episode length for one that cannot (`env.terminates`)."""
+    stagger_episode_clocks: bool = True
+    """Cut env i's first episode after T − ⌊i·T/E⌋ steps so that the envs run at evenly spread points of their
+    episodes (core/acting.py). The original steps one env, whose replay holds every point of the episode;
+    envs in lock-step (false) fill a replay of fewer than num_envs × episode_length transitions with one
+    window of the episode only (Car-Circle: 32 envs × 300 steps against replay 8000). Shortened first
+    episodes are left out of the training-episode metrics. It acts at a run's start: a resumed run keeps the
+    clocks its checkpoint holds (runs started before this option existed ran in lock-step)."""
     chunk_env_steps: int = 2000
     """Env steps per member inside one jitted call; Python only runs between chunks."""
     eval_every_env_steps: int = 20_000

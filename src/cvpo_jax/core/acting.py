@@ -8,6 +8,15 @@ An episode ends in one of two ways, kept distinct all the way to the learners:
   state still has a value (`Transition.truncated`; the learners bootstrap from `next_obs`).
 Each environment keeps its own episode clock, so environments (and sweep members) need not run in lock-step.
 
+*Staggered clocks* (`stagger=True`, config `stagger_episode_clocks`): env i's first episode is cut after
+T − ⌊i·T/E⌋ steps, so that from then on the E envs sit at evenly spread points of their T-step episodes.
+Why: the original steps one environment, so its replay holds every point of the episode in equal measure.
+E envs in lock-step fill a replay of fewer than E·T transitions with one window of the episode only: with
+Car-Circle's 32 envs, T 300 and replay 8000, the 50 steps of the episode just ahead of the envs are never in
+the buffer. A shortened first episode is a real episode (it starts from a reset and is truncated like any
+other, so the learners bootstrap past it) but is left out of the finished-episode metrics, which average
+full-length episodes only. Its clock counts up from −(its length) to 0, so no extra state is needed.
+
 Restarts are cheap: each environment has its own slot in a *pool* of ready reset states, and an environment
 whose episode ended restarts from its slot (a per-env select, no reset computed) while the others go on. The
 pool is recomputed as a whole every `refill_period` iterations (one vmapped reset, a real `lax.cond` on the
@@ -43,7 +52,8 @@ class EnvsState:
     """The environments of one member with their episode clocks and the pool they restart from."""
 
     env: State  # leaves [E, ...]: the running environments
-    steps: jax.Array  # [E] int32: steps taken in each env's current episode
+    steps: jax.Array  # [E] int32: steps taken in each env's current episode; negative during a shortened
+    # first episode (staggered clocks): minus the steps left in it
     episode_reward: jax.Array  # [E]: return of each env's current episode so far
     episode_cost: jax.Array  # [E]
     pool: State  # leaves [E, ...]: a ready reset state for each env
@@ -57,8 +67,9 @@ class EnvsState:
 class EnvStep(NamedTuple):
     envs: EnvsState  # after the step; envs whose episode ended already restarted
     transition: Transition  # [E] what happened (next_obs is the true next observation, before any restart)
-    # Sums over the envs: episodes, episode_reward, episode_cost, episode_length (of the episodes that ended
-    # at this step), terminations (of those, ended by the task), step_cost, reused_resets.
+    # Sums over the envs: episodes, episode_reward, episode_cost, episode_length (of the full-length episodes
+    # that ended at this step; a staggered first episode is not one), terminations (of those, ended by the
+    # task), step_cost (every env), reused_resets.
     finished: dict[str, jax.Array]
     ended: jax.Array  # [E] bool: the env's episode ended at this step (terminated or truncated)
 
@@ -76,15 +87,26 @@ TERMINATING_REFILL_PERIOD = 16
 
 def refill_period_for(env: Env, episode_length: int, requested: int | None = None) -> int:
     """The refill period: `requested`, else 16 for a task that can terminate (`env.terminates`, True when the
-    task does not say) and the episode length for one that cannot: its envs then all restart at the time
-    limit, once per refill."""
+    task does not say) and the episode length for one that cannot: each of its envs then restarts at the time
+    limit once per refill (at the same iteration in lock-step, spread over the period when staggered)."""
     if requested is not None:
         return int(requested)
     return TERMINATING_REFILL_PERIOD if getattr(env, "terminates", True) else int(episode_length)
 
 
-def make_acting(env: Env, episode_length: int, num_envs: int, refill_period: int | None = None) -> Acting:
-    """The `num_envs` environments of one member under an `episode_length` time limit (see `EnvStep`)."""
+def first_episode_clocks(episode_length: int, num_envs: int, stagger: bool) -> jax.Array:
+    """[E] int32 starting clocks: 0 in lock-step; staggered, −(T − ⌊i·T/E⌋) for env i > 0 (see the module
+    docstring), so env i's first episode ends after T − ⌊i·T/E⌋ steps and env 0's is a full one."""
+    if not stagger:
+        return jnp.zeros((num_envs,), jnp.int32)
+    offsets = (jnp.arange(num_envs) * episode_length) // num_envs  # [E]
+    return jnp.where(offsets > 0, offsets - episode_length, 0).astype(jnp.int32)
+
+
+def make_acting(env: Env, episode_length: int, num_envs: int, refill_period: int | None = None,
+                stagger: bool = False) -> Acting:
+    """The `num_envs` environments of one member under an `episode_length` time limit (see `EnvStep`);
+    `stagger`: spread their episode clocks (module docstring)."""
     refill_period = refill_period_for(env, episode_length, refill_period)
     batched_reset = jax.vmap(env.reset)
     batched_step = jax.vmap(env.step)
@@ -95,7 +117,7 @@ def make_acting(env: Env, episode_length: int, num_envs: int, refill_period: int
     def reset(key: jax.Array) -> EnvsState:
         env_key, pool_key = jax.random.split(key)
         zeros = jnp.zeros((num_envs,))
-        return EnvsState(env=fresh_states(env_key), steps=jnp.zeros((num_envs,), jnp.int32),
+        return EnvsState(env=fresh_states(env_key), steps=first_episode_clocks(episode_length, num_envs, stagger),
                          episode_reward=zeros, episode_cost=zeros, pool=fresh_states(pool_key),
                          pool_used=jnp.zeros((num_envs,), jnp.bool_))
 
@@ -104,8 +126,10 @@ def make_acting(env: Env, episode_length: int, num_envs: int, refill_period: int
         cost = stepped.info["cost"]
         steps = envs.steps + 1
         terminated = stepped.done > 0  # [E]
-        truncated = (steps >= episode_length) & ~terminated
+        shortened = envs.steps < 0  # [E] a staggered first episode, cut when its clock reaches 0
+        truncated = jnp.where(shortened, steps >= 0, steps >= episode_length) & ~terminated
         ended = terminated | truncated
+        counted = ended & ~shortened  # the finished episodes the metrics average: full-length ones
         episode_reward = envs.episode_reward + stepped.reward
         episode_cost = envs.episode_cost + cost
         goal_reached = stepped.info.get("goal_reached", jnp.zeros_like(cost))
@@ -117,11 +141,11 @@ def make_acting(env: Env, episode_length: int, num_envs: int, refill_period: int
             truncated=truncated.astype(jnp.float32), terminated=terminated.astype(jnp.float32))
 
         finished = {
-            "episodes": jnp.sum(ended, dtype=jnp.int32),
-            "episode_reward": jnp.sum(jnp.where(ended, episode_reward, 0.0)),
-            "episode_cost": jnp.sum(jnp.where(ended, episode_cost, 0.0)),
-            "episode_length": jnp.sum(jnp.where(ended, steps, 0)),
-            "terminations": jnp.sum(terminated, dtype=jnp.int32),
+            "episodes": jnp.sum(counted, dtype=jnp.int32),
+            "episode_reward": jnp.sum(jnp.where(counted, episode_reward, 0.0)),
+            "episode_cost": jnp.sum(jnp.where(counted, episode_cost, 0.0)),
+            "episode_length": jnp.sum(jnp.where(counted, steps, 0)),
+            "terminations": jnp.sum(terminated & counted, dtype=jnp.int32),
             "step_cost": jnp.sum(cost),
             "reused_resets": jnp.sum(ended & envs.pool_used, dtype=jnp.int32),
         }

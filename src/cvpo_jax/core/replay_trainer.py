@@ -46,7 +46,7 @@ def make_replay_trainer(cfg: RunConfig, env: Env, learner: OffPolicyLearner) -> 
     episode_length = int(cfg.episode_length)
     schedule = make_schedule(cfg, episode_length)
     num_envs, action_size = cfg.num_envs, env.action_size
-    acting = make_acting(env, episode_length, num_envs, cfg.reset_refill_period)
+    acting = make_acting(env, episode_length, num_envs, cfg.reset_refill_period, cfg.stagger_episode_clocks)
     capacity = replay.rounded_capacity(cfg.replay_capacity, num_envs)
 
     def init(key: jax.Array) -> TrainState:

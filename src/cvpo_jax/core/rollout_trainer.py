@@ -52,7 +52,8 @@ def make_rollout_trainer(cfg: RunConfig, env: Env, learner: OnPolicyLearner) -> 
     schedule = make_rollout_schedule(cfg, episode_length)
     length = rollout_length(cfg, episode_length)
     rollouts_per_chunk = schedule.iterations_per_chunk // length
-    acting = make_acting(env, episode_length, cfg.num_envs, cfg.reset_refill_period)
+    acting = make_acting(env, episode_length, cfg.num_envs, cfg.reset_refill_period,
+                         cfg.stagger_episode_clocks)
 
     def init(key: jax.Array) -> RolloutTrainState:
         learner_key, env_key, key = jax.random.split(key, 3)
