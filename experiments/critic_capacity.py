@@ -54,15 +54,11 @@ def main(argv: list[str]) -> int:
     from cvpo_jax.core.members import one_member
     from cvpo_jax.core.gradients import gradient_step
 
-    with exit_on_bad_input():
-        run = saved_run.load(options["run"])
-    cfg, env = run.cfg, run.env
-    if cfg.algo != "cvpo":
-        print(f"error: run={options['run']}: needs a CVPO run (its config says algo={cfg.algo})", file=sys.stderr)
-        return 2
     member = int(points["member"])
     with exit_on_bad_input():
+        run = saved_run.load(options["run"], algo="cvpo")
         params = run.member_params(member)
+    cfg, env = run.cfg, run.env
     obs, actions, returns = (np.asarray(points[k]) for k in ("obs", "actions", "returns"))  # [S,O] [S,K,A] [S,K,R]
     q_mc = returns.mean(-1)  # [S, K]
     c = cfg.cvpo

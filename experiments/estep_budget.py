@@ -34,12 +34,14 @@ def main(argv: list[str]) -> int:
 
     from cvpo_jax import estep, saved_run
     from cvpo_jax.core import replay
+    from cvpo_jax.core.members import one_member
     from cvpo_jax.cvpo import make_cvpo
 
     run_dir = options["run"]
-    run = saved_run.load(run_dir)
+    with exit_on_bad_input():
+        run = saved_run.load(run_dir, algo="cvpo")
     cfg, env, members, iteration = run.cfg, run.env, run.members, run.iteration
-    state = jax.tree.map(lambda x: x[0], run.state)  # member 0
+    state = one_member(run.state, 0)
     settings = jax.tree.map(lambda x: x[0], members.settings())
     learner, phases = make_cvpo(cfg, env.observation_size, env.action_size)
 

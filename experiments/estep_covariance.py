@@ -41,10 +41,7 @@ def main(argv: list[str]) -> int:
     from cvpo_jax.diagnostics import weighted_spread
 
     with exit_on_bad_input():
-        run = saved_run.load(options["run"])
-    if run.cfg.algo != "cvpo":
-        print(f"error: run={options['run']}: a CVPO run is needed, not {run.cfg.algo}", file=sys.stderr)
-        return 2
+        run = saved_run.load(options["run"], algo="cvpo")
     cfg, env, members = run.cfg, run.env, run.members
     learner, phases = make_cvpo(cfg, env.observation_size, env.action_size)
 

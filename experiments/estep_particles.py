@@ -32,10 +32,7 @@ def main(argv: list[str]) -> int:
     from cvpo_jax.cvpo import make_cvpo
 
     with exit_on_bad_input():
-        run = saved_run.load(options["run"])
-    if run.cfg.algo != "cvpo":
-        print(f"error: run={options['run']}: a CVPO run is needed, not {run.cfg.algo}", file=sys.stderr)
-        return 2
+        run = saved_run.load(options["run"], algo="cvpo")
     cfg, env, members = run.cfg, run.env, run.members
     batches, counts = int(options["batches"]), [int(k) for k in options["particles"].split(",")]
     print(f"{cfg.algo} on {cfg.env}, checkpoint iteration {run.iteration}, B {cfg.cvpo.batch_size}, "

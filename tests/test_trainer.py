@@ -356,6 +356,9 @@ def test_saved_run_restores_the_last_checkpoint_and_says_when_there_is_none(lear
     np.testing.assert_array_equal(second[0], jax.tree.leaves(loaded.state.learner.params)[0][1])
     with pytest.raises(ValueError, match=r"member=2: the run has members 0\.\.1"):
         loaded.member_params(2)
+    assert saved_run.load(learning_run, algo="cvpo").iteration == loaded.iteration
+    with pytest.raises(ValueError, match="needs a sac_lag run; its config says algo=cvpo"):
+        saved_run.load(learning_run, algo="sac_lag")
     with pytest.raises(ValueError, match="no config.yaml"):
         saved_run.load(str(tmp_path))
     shutil.copy(os.path.join(learning_run, "config.yaml"), tmp_path / "config.yaml")

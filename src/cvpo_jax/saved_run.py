@@ -34,15 +34,18 @@ class SavedRun:
         return one_member(self.state.learner.params, member)
 
 
-def load(run_dir: str, cfg: Optional[RunConfig] = None, from_start_if_no_checkpoint: bool = False) -> SavedRun:
+def load(run_dir: str, cfg: Optional[RunConfig] = None, from_start_if_no_checkpoint: bool = False,
+         algo: Optional[str] = None) -> SavedRun:
     """Rebuild the run in `run_dir` and restore its newest checkpoint.
 
     cfg: the configuration to build with (default: the run's own config.yaml; give a changed copy to replay the
       run differently, e.g. in smaller chunks). It must build the same training state.
     from_start_if_no_checkpoint: with no checkpoint yet, return the state the run started from (trainer.init
       on the members' keys, iteration 0) instead of raising.
+    algo: the method the caller needs (e.g. "cvpo" for a tool that solves CVPO's E-step); another is a ValueError.
 
-    Raises ValueError (one line) when run_dir holds no config.yaml or, unless allowed, no checkpoint, and
+    Raises ValueError (one line) when run_dir holds no config.yaml, a run of another method than `algo` or,
+    unless allowed, no checkpoint, and
     checkpoint.CheckpointMismatch (a ValueError) when the checkpoint does not fit this version's state.
     """
     import jax
@@ -56,6 +59,8 @@ def load(run_dir: str, cfg: Optional[RunConfig] = None, from_start_if_no_checkpo
     if not os.path.isfile(config_path):
         raise ValueError(f"run={run_dir}: no config.yaml there; give a run directory made by cvpo_jax.run")
     cfg = cfg if cfg is not None else from_yaml_file(config_path)
+    if algo is not None and cfg.algo != algo:
+        raise ValueError(f"run={run_dir}: needs a {algo} run; its config says algo={cfg.algo}")
     env = envs.make(cfg.env)
     trainer = algorithms.make_trainer(cfg, env)
     members = SweepMembers.from_config(cfg)
