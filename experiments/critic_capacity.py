@@ -1,7 +1,7 @@
 """Would a wider cost critic see the action effect the run's critic misses?
 
     python experiments/critic_capacity.py run=runs/suite_cpu/car_goal-cvpo points=<file.npz>
-        [hidden=64x64,256x256] [updates=20000] [seed=0]
+        [hidden=64x64,256x256] [updates=20000] [seed=0] [collect=0]
 
 `experiments/action_dependence.py ... save=<file.npz>` measures Monte-Carlo Q_c(s, a) for K actions at S states
 of one member and saves them. This fits fresh cost critics of each width in `hidden` to that member's final
@@ -12,7 +12,10 @@ level, the spread over the actions of a state, and the correlation over the acti
 The run's own critic is printed beside them. A fresh critic at the run's width is the control: fitted the
 same way on the same data, what it shows is what the width alone changes. Fitting on the final buffer is
 policy evaluation on fixed data, not the run's moving target, so this says what the data and the width allow,
-not what the run would have learned. Measurement only: it prints figures and writes nothing.
+not what the run would have learned. `collect=N` fits on N fresh transitions of the member's exploring policy
+instead (the run's num_envs envs on staggered episode clocks, so every step of the episode is present): with
+N larger than the run's replay it asks whether more data of the same policy brings the fit to the Monte-Carlo
+values. Measurement only: it prints figures and writes nothing.
 """
 
 from __future__ import annotations
@@ -27,15 +30,16 @@ def main(argv: list[str]) -> int:
 
     with exit_on_bad_input():
         options = parse_options(argv, {"run": "", "points": "", "hidden": "64x64,256x256", "updates": "20000",
-                                       "seed": "0"})
+                                       "seed": "0", "collect": "0"})
         try:
-            updates, seed = int(options["updates"]), int(options["seed"])
+            updates, seed, collect = int(options["updates"]), int(options["seed"]), int(options["collect"])
             widths = [tuple(int(n) for n in h.split("x")) for h in options["hidden"].split(",")]
         except ValueError:
-            widths, updates = [], 0
-        if updates < 1 or not widths or any(n < 1 for w in widths for n in w):
-            raise ValueError(f"updates={options['updates']}, seed={options['seed']}, hidden={options['hidden']}: "
-                             "need integers, updates ≥ 1 and widths like 64x64,256x256")
+            widths, updates, collect = [], 0, 0
+        if updates < 1 or collect < 0 or not widths or any(n < 1 for w in widths for n in w):
+            raise ValueError(f"updates={options['updates']}, seed={options['seed']}, hidden={options['hidden']}, "
+                             f"collect={options['collect']}: need integers, updates ≥ 1, collect ≥ 0 and widths "
+                             "like 64x64,256x256")
         try:
             points = np.load(options["points"])
             missing = {"obs", "actions", "returns", "q_critic", "member"} - set(points.files)
@@ -62,7 +66,8 @@ def main(argv: list[str]) -> int:
     obs, actions, returns = (np.asarray(points[k]) for k in ("obs", "actions", "returns"))  # [S,O] [S,K,A] [S,K,R]
     q_mc = returns.mean(-1)  # [S, K]
     c = cfg.cvpo
-    buffer = one_member(run.state.replay, member)
+    buffer = (one_member(run.state.replay, member) if collect == 0
+              else collect_transitions(run, params, collect, jax.random.PRNGKey(seed + 1000)))
     run_nets = networks.make_networks(env.observation_size, env.action_size, hidden=tuple(cfg.network.hidden),
                                       covariance=cfg.network.covariance)
     optimizer = optax.adam(c.critic_lr)
@@ -99,8 +104,9 @@ def main(argv: list[str]) -> int:
         loss_text = "" if loss is None else f"{loss:>10.4f}"
         print(f"{name:>22} {q.mean():>8.3f} {q.std(-1).mean():>9.3f} {np.mean(corrs):>8.2f} {loss_text}")
 
-    print(f"cvpo on {cfg.env}, member {member}, checkpoint iteration {run.iteration}; replay {int(buffer.size)} "
-          f"transitions; {q_mc.shape[0]} states × {q_mc.shape[1]} actions; fresh critics fitted for {updates} updates")
+    source = "the run's final replay" if collect == 0 else "fresh transitions of the exploring policy"
+    print(f"cvpo on {cfg.env}, member {member}, checkpoint iteration {run.iteration}; {int(buffer.size)} {source};"
+          f" {q_mc.shape[0]} states × {q_mc.shape[1]} actions; fresh critics fitted for {updates} updates")
     print(f"{'cost critic':>22} {'mean Q_c':>8} {'std_a':>9} {'corr_a':>8} {'TD loss':>10}")
     report("Monte-Carlo", q_mc)
     report(f"run's own {'x'.join(map(str, cfg.network.hidden))}", np.asarray(points["q_critic"]))
@@ -108,6 +114,42 @@ def main(argv: list[str]) -> int:
         q, loss = jax.device_get(jax.jit(fit, static_argnums=0)(width, jax.random.PRNGKey(seed + i)))
         report(f"fresh {'x'.join(map(str, width))}", np.asarray(q, np.float64), float(loss))
     return 0
+
+
+def collect_transitions(run, params, count: int, key):
+    """A replay of `count` (rounded up to whole steps of the run's envs) transitions of the exploring policy
+    `params`, acted as training acts (core/acting.py) with staggered episode clocks."""
+    import jax
+
+    from cvpo_jax.core import replay
+    from cvpo_jax.core.acting import make_acting
+
+    cfg, num_envs = run.cfg, run.cfg.num_envs
+    iterations = -(-count // num_envs)
+    acting = make_acting(run.env, cfg.episode_length, num_envs, cfg.reset_refill_period, stagger=True)
+
+    @jax.jit
+    def play(key):
+        reset_key, loop_key = jax.random.split(key)
+        envs = acting.reset(reset_key)
+
+        def step(carry, inputs):
+            envs, buffer = carry
+            i, k = inputs
+            act_key, env_key = jax.random.split(k)
+            out = acting.step(envs, run.trainer.learner.act(params, envs.obs, act_key), i, env_key)
+            return (out.envs, replay.insert(buffer, out.transition)), None
+
+        # One env's transition, as zeros of the right shapes: what the empty buffer is shaped like.
+        shapes = jax.eval_shape(lambda e: acting.step(e, run.trainer.learner.act(params, e.obs, key),
+                                                      jax.numpy.int32(0), key).transition, envs)
+        example = jax.tree.map(lambda x: jax.numpy.zeros(x.shape[1:], x.dtype), shapes)
+        buffer = replay.init(example, iterations * num_envs)
+        (_, buffer), _ = jax.lax.scan(step, (envs, buffer),
+                                      (jax.numpy.arange(iterations), jax.random.split(loop_key, iterations)))
+        return buffer
+
+    return play(key)
 
 
 if __name__ == "__main__":
