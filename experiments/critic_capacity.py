@@ -1,7 +1,7 @@
 """Would a wider cost critic see the action effect the run's critic misses?
 
     python experiments/critic_capacity.py run=runs/suite_cpu/car_goal-cvpo points=<file.npz>
-        [hidden=64x64,256x256] [updates=20000] [seed=0] [collect=0]
+        [hidden=64x64,256x256] [updates=20000] [seed=0] [collect=0] [start=fresh|run] [readings=1]
 
 `experiments/action_dependence.py ... save=<file.npz>` measures Monte-Carlo Q_c(s, a) for K actions at S states
 of one member and saves them. This fits fresh cost critics of each width in `hidden` to that member's final
@@ -15,7 +15,10 @@ policy evaluation on fixed data, not the run's moving target, so this says what 
 not what the run would have learned. `collect=N` fits on N fresh transitions of the member's exploring policy
 instead (the run's num_envs envs on staggered episode clocks, so every step of the episode is present): with
 N larger than the run's replay it asks whether more data of the same policy brings the fit to the Monte-Carlo
-values. Measurement only: it prints figures and writes nothing.
+values. `start=run` continues the run's own cost critic (and its target) instead of fresh ones, at the run's
+width: how far, and over how many updates, the data pull it (the run gives its critic about 3 updates per
+iteration). `readings=R` prints the mean reading R times along each fit. Measurement only: it prints figures
+and writes nothing.
 """
 
 from __future__ import annotations
@@ -30,16 +33,20 @@ def main(argv: list[str]) -> int:
 
     with exit_on_bad_input():
         options = parse_options(argv, {"run": "", "points": "", "hidden": "64x64,256x256", "updates": "20000",
-                                       "seed": "0", "collect": "0"})
+                                       "seed": "0", "collect": "0", "start": "fresh", "readings": "1"})
         try:
             updates, seed, collect = int(options["updates"]), int(options["seed"]), int(options["collect"])
+            readings = int(options["readings"])
             widths = [tuple(int(n) for n in h.split("x")) for h in options["hidden"].split(",")]
         except ValueError:
-            widths, updates, collect = [], 0, 0
-        if updates < 1 or collect < 0 or not widths or any(n < 1 for w in widths for n in w):
+            widths, updates, collect, readings = [], 0, 0, 0
+        if (updates < 1 or collect < 0 or not 1 <= readings <= updates or not widths
+                or any(n < 1 for w in widths for n in w)):
             raise ValueError(f"updates={options['updates']}, seed={options['seed']}, hidden={options['hidden']}, "
-                             f"collect={options['collect']}: need integers, updates ≥ 1, collect ≥ 0 and widths "
-                             "like 64x64,256x256")
+                             f"collect={options['collect']}, readings={options['readings']}: need integers, "
+                             "updates ≥ 1, collect ≥ 0, 1 ≤ readings ≤ updates and widths like 64x64,256x256")
+        if options["start"] not in ("fresh", "run"):
+            raise ValueError(f"start={options['start']}: allowed fresh (new critics) or run (the run's own)")
         try:
             points = np.load(options["points"])
             missing = {"obs", "actions", "returns", "q_critic", "member"} - set(points.files)
@@ -74,12 +81,16 @@ def main(argv: list[str]) -> int:
     flat_obs = jnp.repeat(jnp.asarray(obs), actions.shape[1], axis=0)  # [S·K, O]
     flat_actions = jnp.asarray(actions.reshape(-1, actions.shape[-1]))  # [S·K, A]
 
-    def fit(width, key):
+    def fit(width, key, start):
         nets = networks.make_networks(env.observation_size, env.action_size, hidden=width,
                                       covariance=cfg.network.covariance)
         init_key, loop_key = jax.random.split(key)
-        critic = nets.cost_critic.init(init_key, jnp.zeros((1, env.observation_size)),
-                                       jnp.zeros((1, env.action_size)))
+        if start == "run":
+            critic, target = params.cost_critic, one_member(run.state.learner.target_params, member).cost_critic
+        else:
+            critic = nets.cost_critic.init(init_key, jnp.zeros((1, env.observation_size)),
+                                           jnp.zeros((1, env.action_size)))
+            target = critic
 
         def step(carry, k):
             critic, target, opt_state = carry
@@ -93,10 +104,15 @@ def main(argv: list[str]) -> int:
                                 batch.obs, batch.action, y, has_aux=True)
             return (out.params, critics.polyak_update(target, out.params, c.polyak), out.opt_state), out.loss
 
-        (critic, _, _), losses = jax.lax.scan(step, (critic, critic, optimizer.init(critic)),
-                                              jax.random.split(loop_key, updates))
+        def segment(carry, keys):  # updates // readings steps, then the mean reading at the points
+            carry, losses = jax.lax.scan(step, carry, keys)
+            return carry, (jnp.mean(nets.cost_critic.apply(carry[0], flat_obs, flat_actions)), losses)
+
+        per = updates // readings
+        keys = jax.random.split(loop_key, per * readings).reshape(readings, per, -1)
+        (critic, _, _), (means, losses) = jax.lax.scan(segment, (critic, target, optimizer.init(critic)), keys)
         q = nets.cost_critic.apply(critic, flat_obs, flat_actions).reshape(q_mc.shape)
-        return q, losses[-1000:].mean()
+        return q, losses.reshape(-1)[-1000:].mean(), means
 
     def report(name, q, loss=None):
         corrs = [np.corrcoef(q[s], q_mc[s])[0, 1] for s in range(len(q))
@@ -106,13 +122,22 @@ def main(argv: list[str]) -> int:
 
     source = "the run's final replay" if collect == 0 else "fresh transitions of the exploring policy"
     print(f"cvpo on {cfg.env}, member {member}, checkpoint iteration {run.iteration}; {int(buffer.size)} {source};"
-          f" {q_mc.shape[0]} states × {q_mc.shape[1]} actions; fresh critics fitted for {updates} updates")
+          f" {q_mc.shape[0]} states × {q_mc.shape[1]} actions; critics fitted for {updates} updates, "
+          f"start={options['start']}")
     print(f"{'cost critic':>22} {'mean Q_c':>8} {'std_a':>9} {'corr_a':>8} {'TD loss':>10}")
     report("Monte-Carlo", q_mc)
     report(f"run's own {'x'.join(map(str, cfg.network.hidden))}", np.asarray(points["q_critic"]))
-    for i, width in enumerate(widths):
-        q, loss = jax.device_get(jax.jit(fit, static_argnums=0)(width, jax.random.PRNGKey(seed + i)))
-        report(f"fresh {'x'.join(map(str, width))}", np.asarray(q, np.float64), float(loss))
+    run_width = tuple(cfg.network.hidden)
+    fits = [(run_width, "run")] if options["start"] == "run" else [(w, "fresh") for w in widths]
+    for i, (width, start) in enumerate(fits):
+        q, loss, means = jax.device_get(jax.jit(fit, static_argnums=(0, 2))(width, jax.random.PRNGKey(seed + i),
+                                                                           start))
+        name = "run's, continued" if start == "run" else f"fresh {'x'.join(map(str, width))}"
+        report(name, np.asarray(q, np.float64), float(loss))
+        if readings > 1:
+            per = updates // readings
+            print(" " * 23 + "mean Q_c along the fit: " + ", ".join(
+                f"{(r + 1) * per}: {float(m):.2f}" for r, m in enumerate(means)))
     return 0
 
 
