@@ -35,9 +35,8 @@ def main(argv: list[str]) -> int:
     import jax.numpy as jnp
 
     from cvpo_jax import saved_run
-    from cvpo_jax.core import replay
     from cvpo_jax.core.members import one_member
-    from cvpo_jax.cvpo import make_cvpo
+    from cvpo_jax.cvpo import make_cvpo, replay_estep
     from cvpo_jax.diagnostics import weighted_spread
 
     with exit_on_bad_input():
@@ -45,11 +44,11 @@ def main(argv: list[str]) -> int:
     cfg, env, members = run.cfg, run.env, run.members
     learner, phases = make_cvpo(cfg, env.observation_size, env.action_size)
 
+    estep_on_replay = replay_estep(learner, phases)
+
     @jax.jit
     def solve(learner_state, replay_state, settings, key):
-        sample_key, particle_key = jax.random.split(key)
-        batch = replay.sample(replay_state, sample_key, learner.batch_size)
-        targets, _, _, solution = phases.estep_step(learner_state, batch, settings, particle_key)
+        targets, _, _, solution = estep_on_replay(learner_state, replay_state, settings, key)
         old_std = jnp.sqrt(jnp.sum(targets.old.scale_tril ** 2, axis=-1))  # [B, A] per-dimension σ (rows of L)
         return targets.particles, targets.weights, targets.old.mean, old_std, solution.infeasible
 

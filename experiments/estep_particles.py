@@ -27,9 +27,8 @@ def main(argv: list[str]) -> int:
     import jax.numpy as jnp
 
     from cvpo_jax import saved_run
-    from cvpo_jax.core import replay
     from cvpo_jax.core.members import one_member
-    from cvpo_jax.cvpo import make_cvpo
+    from cvpo_jax.cvpo import make_cvpo, replay_estep
 
     with exit_on_bad_input():
         run = saved_run.load(options["run"], algo="cvpo")
@@ -43,11 +42,11 @@ def main(argv: list[str]) -> int:
         cfg_k = dataclasses.replace(cfg, cvpo=dataclasses.replace(cfg.cvpo, num_particles=k))
         learner, phases = make_cvpo(cfg_k, env.observation_size, env.action_size)
 
+        estep_on_replay = replay_estep(learner, phases)
+
         @jax.jit
         def solve(learner_state, replay_state, settings, key):
-            sample_key, particle_key = jax.random.split(key)
-            batch = replay.sample(replay_state, sample_key, learner.batch_size)
-            _, _, q_c, solution = phases.estep_step(learner_state, batch, settings, particle_key)
+            _, _, q_c, solution = estep_on_replay(learner_state, replay_state, settings, key)
             expected = jnp.mean(jnp.sum(solution.weights * q_c, axis=-1))
             spread = jnp.mean(jnp.std(q_c, axis=-1))  # how much Q_c depends on the action within a state
             return solution.infeasible, jnp.mean(q_c), expected, solution.lam, spread

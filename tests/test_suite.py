@@ -43,6 +43,25 @@ def test_convergence_costs_are_the_last_fifth_of_training_of_all_seeds():
     assert row["cumulative_cost_mean"] == pytest.approx(np.mean(np.sum((costs[:, 1:] + 1.0) * 5.0, axis=1)))
 
 
+def test_training_and_original_plot_convergence_costs_by_hand():
+    steps = np.arange(0, 13) * 100  # evaluations at 0 .. 1200
+    rng = np.random.default_rng(2)
+    costs = rng.uniform(0, 20, (2, 13))
+    data = _data(costs, costs, steps)
+    data["train/episodes"][(data["env_steps"] == 1100) & (data["member"] == 1)] = 0.0  # no episode ended there
+    # Training episodes (logged as eval cost + 1 by _data) in the periods ending at 1000, 1100, 1200, but
+    # member 1's period ending at 1100 has no episode.
+    expected = [costs[0, 10:] + 1.0, costs[1, [10, 12]] + 1.0]
+    np.testing.assert_allclose(np.sort(suite.training_convergence_costs(data)), np.sort(np.concatenate(expected)))
+    # The authors' plot script: each evaluation averaged with the one before, at evaluations past 2/3 of 1200,
+    # i.e. 900 .. 1200 (800 is not past it).
+    by_hand = [(costs[m, k] + costs[m, k - 1]) / 2 for m in range(2) for k in range(9, 13)]
+    np.testing.assert_allclose(np.sort(suite.original_plot_convergence_costs(data)), np.sort(by_hand))
+    row = suite.summary_row(data)
+    assert row["original_plot_convergence_cost_q3"] == pytest.approx(np.percentile(by_hand, 75))
+    assert row["training_convergence_cost_median"] == pytest.approx(np.median(np.concatenate(expected)))
+
+
 def test_training_curves_skip_periods_in_which_no_episode_ended():
     steps = np.arange(0, 5) * 100
     costs = np.full((2, 5), 4.0)

@@ -366,6 +366,26 @@ def test_saved_run_restores_the_last_checkpoint_and_says_when_there_is_none(lear
         saved_run.load(str(tmp_path))
 
 
+def test_replay_estep_solves_on_rows_of_the_members_own_replay(learning_run):
+    from cvpo_jax import saved_run
+    from cvpo_jax.core.members import one_member
+    from cvpo_jax.cvpo import make_cvpo, replay_estep
+
+    loaded = saved_run.load(learning_run, algo="cvpo")
+    learner, phases = make_cvpo(loaded.cfg, loaded.env.observation_size, loaded.env.action_size)
+    member, settings = one_member(loaded.state, 1), one_member(loaded.members.settings(), 1)
+    solve = jax.jit(replay_estep(learner, phases))
+    targets, q_r, q_c, solution = jax.device_get(solve(member.learner, member.replay, settings, jax.random.PRNGKey(3)))
+    assert targets.obs.shape[0] == learner.batch_size == q_c.shape[0]
+    # Every state is a filled row of member 1's buffer (not member 0's, not an empty row).
+    filled = np.asarray(member.replay.data.obs)[: int(member.replay.size)]
+    assert all(np.any(np.all(filled == row, axis=-1)) for row in targets.obs)
+    # q* is the exponential tilt of the particles by the returned (η, λ), recomputed here by hand.
+    score = (np.asarray(q_r, np.float64) - float(solution.lam) * np.asarray(q_c, np.float64)) / float(solution.eta)
+    expected = np.exp(score - score.max(axis=-1, keepdims=True))
+    np.testing.assert_allclose(solution.weights, expected / expected.sum(axis=-1, keepdims=True), rtol=1e-4, atol=1e-6)
+
+
 def test_a_checkpoint_of_another_state_layout_gets_a_one_line_error(tmp_path):
     import jax.numpy as jnp
 

@@ -17,6 +17,7 @@ from flax import struct
 from cvpo_jax import critics, estep, mstep, networks, policy
 from cvpo_jax.config import RunConfig
 from cvpo_jax.core.contracts import MemberSettings, OffPolicyLearner
+from cvpo_jax.core import replay
 from cvpo_jax.core.replay import Transition
 
 
@@ -161,6 +162,16 @@ def make_cvpo(cfg: RunConfig, observation_size: int, action_size: int) -> tuple[
 
     learner = OffPolicyLearner(init=init, update=update, act=act, batch_size=c.batch_size)
     return learner, CVPOPhases(critic_step=critic_step, estep_step=estep_step, mstep_step=mstep_step)
+
+
+def replay_estep(learner: OffPolicyLearner, phases: CVPOPhases) -> Callable:
+    """The E-step on one batch drawn from a member's replay, for tools that read what the E-step makes of a
+    saved run's state: (state, replay_state, settings, key) -> estep_step's (targets, q_r, q_c, solution)."""
+    def run(state: CVPOState, replay_state: replay.ReplayState, settings: MemberSettings, key: jax.Array):
+        sample_key, particle_key = jax.random.split(key)
+        batch = replay.sample(replay_state, sample_key, learner.batch_size)
+        return phases.estep_step(state, batch, settings, particle_key)
+    return run
 
 
 def make_cvpo_learner(cfg: RunConfig, observation_size: int, action_size: int) -> OffPolicyLearner:
